@@ -1,0 +1,84 @@
+"""The attnext ops: loading the native modules, fake kernels for torch.compile, and autograd.
+
+The ops themselves (schemas and CPU/CUDA kernels) live in C++ under torch.ops.attnext:
+  fwd(q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic=False) -> (out, lse)
+  bwd(dout, q, k, v, out, lse, dlse, scale, mask_kind, window_left, window_right, bshd, deterministic)
+      -> (dq, dk, dv)
+"""
+
+import torch
+
+from attnext import _C  # noqa: F401  (loading it registers torch.ops.attnext.*)
+
+try:
+    from attnext import _C_cuda  # noqa: F401
+    CUDA_MODULE_ERROR = None
+except ImportError as exc:  # not built, or built for a CUDA torch while this torch has none
+    CUDA_MODULE_ERROR = str(exc)
+
+MASK_NONE, MASK_CAUSAL_TOP_LEFT, MASK_CAUSAL_BOTTOM_RIGHT, MASK_WINDOW = 0, 1, 2, 3
+
+
+def _bhs(t, bshd):
+    """(batch, heads, seq) of a 4-D tensor in either layout."""
+    return (t.shape[0], t.shape[2], t.shape[1]) if bshd else (t.shape[0], t.shape[1], t.shape[2])
+
+
+@torch.library.register_fake("attnext::fwd")
+def _fwd_fake(q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic=False):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attnext.attention: inputs must be 4-D")
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: "attnext.attention: q, k and v must have the same dtype")
+    return q.new_empty(q.shape), q.new_empty(_bhs(q, bshd), dtype=torch.float32)
+
+
+@torch.library.register_fake("attnext::bwd")
+def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, mask_kind, window_left, window_right, bshd, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, mask_kind, window_left, window_right, bshd = inputs[:8]
+    deterministic = inputs[8] if len(inputs) > 8 else False
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (scale, mask_kind, window_left, window_right, bshd, deterministic)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    scale, mask_kind, window_left, window_right, bshd, deterministic = ctx.args
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum(): the kernels need stride 1
+        grad_out = grad_out.contiguous()
+    dlse = None if grad_lse is None else grad_lse.contiguous()
+    dq, dk, dv = torch.ops.attnext.bwd(grad_out, q, k, v, out, lse, dlse, scale, mask_kind, window_left,
+                                       window_right, bshd, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("attnext::fwd", _backward, setup_context=_setup_context)
+
+
+CPU_UNITS = ("scalar", "avx2", "avx512")
+
+
+def cpu_unit():
+    """Name of the CPU vector unit in use."""
+    return CPU_UNITS[torch.ops.attnext.cpu_isa()]
+
+
+def cpu_units_runnable():
+    """Names of the CPU vector units built into attnext._C that this CPU can run."""
+    return [name for i, name in enumerate(CPU_UNITS) if torch.ops.attnext.cpu_isa_runnable(i)]
+
+
+def set_cpu_unit(name):
+    """Selects the CPU vector unit (one of cpu_units_runnable()); returns the previous one."""
+    if name not in CPU_UNITS:
+        raise ValueError(f"attnext.set_cpu_unit: unit {name!r} is not known (known: {', '.join(CPU_UNITS)})")
+    previous = cpu_unit()
+    if not torch.ops.attnext.set_cpu_isa(CPU_UNITS.index(name)):
+        raise ValueError(f"attnext.set_cpu_unit: unit {name!r} cannot run here "
+                         f"(runnable: {', '.join(cpu_units_runnable())})")
+    return previous

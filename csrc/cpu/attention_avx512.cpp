@@ -1,0 +1,12 @@
+// The AVX-512F unit: built with -mavx512f -mfma -mf16c where the compiler supports it.
+#include "cpu/vec_avx512.h"
+#include "cpu/backward_impl.h"
+#include "cpu/cpu_attention.h"
+#include "cpu/forward_impl.h"
+
+namespace attnext::cpu::avx512 {
+
+Status forward(const FwdParams& p) { return forward_impl<VecAvx512>(p); }
+Status backward(const BwdParams& p) { return backward_impl<VecAvx512>(p); }
+
+}  // namespace attnext::cpu::avx512

@@ -1,0 +1,175 @@
+// FlashAttention-2 backward on the CPU, over a vector unit V and a storage type T.
+// 1. Delta_i = rowsum(dO_i ∘ O_i).
+// 2. One task per (batch, kv head, split) owns key tiles Kj, Vj: it recomputes P from the saved lse
+//    for every query tile (and every query head of the GQA group) that sees them, accumulates dKj, dVj
+//    in fp32 locally and adds its share of dQ into the split's private fp32 accumulator.
+// 3. dQ = Σ over splits, converted to the output dtype.
+// Every sum runs in a fixed order, so the result is bitwise repeatable for a given thread count.
+#pragma once
+
+#include "cpu/tile_ops.h"
+#include "cpu/tiling.h"
+
+namespace attnext::cpu {
+namespace {
+
+template <class V>
+struct BwdScratch {
+  std::vector<float> k_t, k_p, v_t, dk, dv, q_s, do_p, s, dp;
+  BwdScratch(const Tiling& t, int64_t d)
+      : k_t(d * t.block_k), k_p(t.block_k * t.d_pad), v_t(d * t.block_k), dk(t.block_k * t.d_pad),
+        dv(t.block_k * t.d_pad), q_s(t.block_q * t.d_pad), do_p(t.block_q * t.d_pad), s(t.block_q * t.block_k),
+        dp(t.block_q * t.block_k) {}
+};
+
+struct BwdLayout {
+  const BwdParams* p;
+  Tiling t;
+  int64_t n_split;
+  float* delta;   // (B, Hq, Sq)
+  float* dq_acc;  // (n_split, B, Hq, Sq, d_pad)
+};
+
+// The contribution of key tile [j0, j0 + nk) (packed in w.k_t, w.k_p, w.v_t) and query rows [i0, i1)
+// of head h to dKj, dVj (w.dk, w.dv) and to dQ_i.
+template <class V, class T>
+void backward_block(const BwdLayout& L, BwdScratch<V>& w, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t j0,
+                    int64_t nk, float* dq_acc) {
+  const FwdParams& p = L.p->fwd;
+  const int64_t D = p.head_dim, Dp = L.t.d_pad, rows = i1 - i0, nk_pad = round_up(nk, V::W);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.s;
+  const T* dout =
+      static_cast<const T*>(L.p->dout) + b * L.p->dout_stride.b + h * L.p->dout_stride.h + i0 * L.p->dout_stride.s;
+  pack_rows<V>(q, p.q_stride.s, rows, D, p.scale * kLog2e, w.q_s.data(), Dp);
+  pack_rows<V>(dout, L.p->dout_stride.s, rows, D, 1.0f, w.do_p.data(), Dp);
+
+  // S = Qi · Kjᵀ in base 2, then P = 2^(S - lse_i · log2 e) with the forward's lse (masked keys give 0).
+  gemm<V>(rows, nk_pad, D, w.q_s.data(), Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
+  const int64_t row0 = (b * p.heads_q + h) * p.seq_q + i0;
+  const bool full = tile_fully_visible(p.mask, i0, i1, j0, j0 + nk, p.seq_k);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = w.s.data() + r * nk_pad;
+    const int64_t i = i0 + r;
+    mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
+    const float lse = p.lse[row0 + r];
+    if (lse == kNegInf) std::fill(s, s + nk_pad, 0.0f);
+    else exp2_row<V>(s, nk_pad, lse * kLog2e);
+  }
+
+  // dVj += Pᵀ · dO_i
+  gemm<V>(nk, Dp, rows, w.s.data(), 1, nk_pad, w.do_p.data(), Dp, w.dv.data(), Dp, true);
+  // dP = dO_i · Vjᵀ, then dS = P ∘ (dP - Delta_i), in place
+  gemm<V>(rows, nk_pad, D, w.do_p.data(), Dp, 1, w.v_t.data(), nk_pad, w.dp.data(), nk_pad, false);
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename V::T delta = V::set1(L.delta[row0 + r]);
+    float* ds = w.dp.data() + r * nk_pad;
+    const float* pr = w.s.data() + r * nk_pad;
+    for (int64_t c = 0; c < nk_pad; c += V::W) V::store(ds + c, V::mul(V::load(pr + c), V::sub(V::load(ds + c), delta)));
+  }
+  // dQ_i += dS · Kj · scale (k_p holds K · scale);  dKj += dSᵀ · Qi (q_s holds Q · scale · log2 e)
+  gemm<V>(rows, Dp, nk, w.dp.data(), nk_pad, 1, w.k_p.data(), Dp, dq_acc, Dp, true);
+  gemm<V>(nk, Dp, rows, w.dp.data(), 1, nk_pad, w.q_s.data(), Dp, w.dk.data(), Dp, true);
+}
+
+template <class V, class T>
+void backward_kv_tile(const BwdLayout& L, BwdScratch<V>& w, int64_t b, int64_t hk, int64_t split, int64_t j0) {
+  const BwdParams& bp = *L.p;
+  const FwdParams& p = bp.fwd;
+  const int64_t D = p.head_dim, Dp = L.t.d_pad, nk = std::min(L.t.block_k, p.seq_k - j0);
+  const int64_t nk_pad = round_up(nk, V::W), group = p.heads_q / p.heads_kv;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h + j0 * p.k_stride.s;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + j0 * p.v_stride.s;
+  pack_transposed<V>(k, p.k_stride.s, nk, D, w.k_t.data(), nk_pad);
+  pack_rows<V>(k, p.k_stride.s, nk, D, p.scale, w.k_p.data(), Dp);
+  pack_transposed<V>(v, p.v_stride.s, nk, D, w.v_t.data(), nk_pad);
+  std::fill(w.dk.begin(), w.dk.end(), 0.0f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.0f);
+
+  // Query rows that see any key of the tile; both bounds are non-decreasing in the key index.
+  const int64_t rb = row_begin(p.mask, j0, p.seq_q), re = row_end(p.mask, j0 + nk - 1, p.seq_q);
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    float* dq_head = L.dq_acc + ((split * p.batch + b) * p.heads_q + h) * p.seq_q * Dp;
+    for (int64_t i0 = rb; i0 < re; i0 += L.t.block_q) {
+      const int64_t i1 = std::min(re, i0 + L.t.block_q);
+      backward_block<V, T>(L, w, b, h, i0, i1, j0, nk, dq_head + i0 * Dp);
+    }
+  }
+
+  // dKj = ln 2 · (dSᵀ · Q · scale · log2 e) = scale · dSᵀ Q;  dVj as accumulated.
+  T* dk = static_cast<T*>(bp.dk) + b * bp.dk_stride.b + hk * bp.dk_stride.h + j0 * bp.dk_stride.s;
+  T* dv = static_cast<T*>(bp.dv) + b * bp.dv_stride.b + hk * bp.dv_stride.h + j0 * bp.dv_stride.s;
+  unpack_rows<V>(w.dk.data(), Dp, nk, D, kLn2, dk, bp.dk_stride.s);
+  unpack_rows<V>(w.dv.data(), Dp, nk, D, 1.0f, dv, bp.dv_stride.s);
+}
+
+template <class V, class T>
+void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
+  const FwdParams& p = bp.fwd;
+  const int64_t n_rows = p.batch * p.heads_q * p.seq_q;
+  BwdLayout L{&bp, t, n_split, bp.workspace, bp.workspace + n_rows};
+
+  // 1. Delta_i = Σ_d dO_id · O_id - dlse_i (lse's own gradient enters as dS_ij += P_ij · dlse_i),
+  //    and zeroed dQ accumulators.
+  p.parallel_for(n_rows, &L, [](void* c, int64_t begin, int64_t end) {
+    const BwdLayout& L = *static_cast<const BwdLayout*>(c);
+    const BwdParams& bp = *L.p;
+    const FwdParams& p = bp.fwd;
+    const int64_t n_rows = p.batch * p.heads_q * p.seq_q;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % p.seq_q, bh = row / p.seq_q, b = bh / p.heads_q, h = bh % p.heads_q;
+      const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h + i * p.out_stride.s;
+      const T* d = static_cast<const T*>(bp.dout) + b * bp.dout_stride.b + h * bp.dout_stride.h + i * bp.dout_stride.s;
+      float sum = 0.0f;
+      for (int64_t c = 0; c < p.head_dim; ++c) sum += Convert<V>::to_float(o[c]) * Convert<V>::to_float(d[c]);
+      L.delta[row] = bp.dlse ? sum - bp.dlse[row] : sum;
+      for (int64_t s = 0; s < L.n_split; ++s) std::fill_n(L.dq_acc + (s * n_rows + row) * L.t.d_pad, L.t.d_pad, 0.0f);
+    }
+  });
+
+  // 2. Key tiles: task = (batch, kv head, split); split s owns key tiles s, s + n_split, ...
+  p.parallel_for(p.batch * p.heads_kv * n_split, &L, [](void* c, int64_t begin, int64_t end) {
+    const BwdLayout& L = *static_cast<const BwdLayout*>(c);
+    const FwdParams& p = L.p->fwd;
+    BwdScratch<V> w(L.t, p.head_dim);
+    const int64_t n_kv_tiles = (p.seq_k + L.t.block_k - 1) / L.t.block_k;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t split = task % L.n_split, bh = task / L.n_split;
+      for (int64_t tile = split; tile < n_kv_tiles; tile += L.n_split)
+        backward_kv_tile<V, T>(L, w, bh / p.heads_kv, bh % p.heads_kv, split, tile * L.t.block_k);
+    }
+  });
+
+  // 3. dQ = Σ_split dQ_split
+  p.parallel_for(n_rows, &L, [](void* c, int64_t begin, int64_t end) {
+    const BwdLayout& L = *static_cast<const BwdLayout*>(c);
+    const BwdParams& bp = *L.p;
+    const FwdParams& p = bp.fwd;
+    const int64_t n_rows = p.batch * p.heads_q * p.seq_q, Dp = L.t.d_pad;
+    std::vector<float> sum(Dp);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % p.seq_q, bh = row / p.seq_q, b = bh / p.heads_q, h = bh % p.heads_q;
+      std::copy_n(L.dq_acc + row * Dp, Dp, sum.data());
+      for (int64_t s = 1; s < L.n_split; ++s)
+        for (int64_t d = 0; d < Dp; ++d) sum[d] += L.dq_acc[(s * n_rows + row) * Dp + d];
+      T* dq = static_cast<T*>(bp.dq) + b * bp.dq_stride.b + h * bp.dq_stride.h + i * bp.dq_stride.s;
+      unpack_rows<V>(sum.data(), Dp, 1, p.head_dim, 1.0f, dq, 0);
+    }
+  });
+}
+
+template <class V>
+Status backward_impl(const BwdParams& bp) {
+  const FwdParams& p = bp.fwd;
+  const Tiling t = choose_tiling(p.seq_q, p.head_dim);
+  const int64_t n_split = backward_splits(p.batch, p.heads_kv, p.seq_k, t.block_k, p.num_threads);
+  if (bp.workspace_floats < backward_workspace_floats(p)) return Status::kWorkspaceTooSmall;
+  switch (p.dtype) {
+    case DType::kFloat32: backward_typed<V, float>(bp, t, n_split); return Status::kOk;
+    case DType::kFloat16: backward_typed<V, Half>(bp, t, n_split); return Status::kOk;
+    case DType::kBFloat16: backward_typed<V, Bf16>(bp, t, n_split); return Status::kOk;
+  }
+  return Status::kUnsupportedDType;
+}
+
+}  // namespace
+}  // namespace attnext::cpu

@@ -1,0 +1,164 @@
+// Building blocks of the CPU kernels, written once over a vector unit V (VecAvx2, VecAvx512,
+// VecScalar): element conversion, tile packing, the register-blocked micro-kernel and the softmax
+// row passes. Everything sits in an anonymous namespace: each ISA translation unit compiles its own
+// private copy with its own instruction set, so no symbol built for one ISA can leak into another.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attnext/params.h"
+
+namespace attnext::cpu {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// 16-bit storage types; arithmetic always happens in fp32.
+struct Bf16 { uint16_t bits; };
+struct Half { uint16_t bits; };
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <class V>
+struct Convert {
+  static float to_float(float x) { return x; }
+  static float to_float(Bf16 x) {
+    const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static float to_float(Half x) { return V::half_to_float(x.bits); }
+
+  static void store(float f, float* dst) { *dst = f; }
+  static void store(float f, Bf16* dst) {  // round to nearest even; NaN stays NaN
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) { dst->bits = static_cast<uint16_t>((bits >> 16) | 0x40u); return; }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    dst->bits = static_cast<uint16_t>(bits >> 16);
+  }
+  static void store(float f, Half* dst) { dst->bits = V::float_to_half(f); }
+};
+
+// dst[r][c] = src[r * row_stride + c] * mul for r < rows, c < cols; columns [cols, ld) are zero.
+template <class V, class T>
+void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float mul, float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * row_stride;
+    float* d = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c] = Convert<V>::to_float(s[c]) * mul;
+    for (int64_t c = cols; c < ld; ++c) d[c] = 0.0f;
+  }
+}
+
+// dst[c][r] = src[r * row_stride + c] for r < rows, c < cols (a transpose); rows [rows, ld) are zero.
+template <class V, class T>
+void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * row_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = Convert<V>::to_float(s[c]);
+  }
+}
+
+// dst[r * row_stride + c] = src[r][c] * mul, converted to the storage type.
+template <class V, class T>
+void unpack_rows(const float* src, int64_t ld, int64_t rows, int64_t cols, float mul, T* dst, int64_t row_stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) Convert<V>::store(src[r * ld + c] * mul, dst + r * row_stride + c);
+}
+
+// Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
+// broadcast from memory and B rows loaded as vectors. The accumulators stay in registers for all K.
+template <class V, int R, int NV>
+inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                       float* c, int64_t ldc, bool accumulate) {
+  typename V::T acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? V::load(c + r * ldc + v * V::W) : V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    typename V::T bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = V::load(b + k * ldb + v * V::W);
+    for (int r = 0; r < R; ++r) {
+      const typename V::T ar = V::set1(a[r * a_rs + k * a_cs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bk[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) V::store(c + r * ldc + v * V::W, acc[r][v]);
+}
+
+template <class V, int R>
+inline void gemm_rows(int rows, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if constexpr (R > 1) {
+    if (rows < R) return gemm_rows<V, R - 1>(rows, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+  }
+  int64_t n = 0;
+  for (; n + 2 * V::W <= N; n += 2 * V::W)
+    gemm_block<V, R, 2>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate);
+  if (n < N) gemm_block<V, R, 1>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate);
+}
+
+// C[M][N] (+)= A · B for an M x K matrix A given by strides (a_rs, a_cs) and row-major B (K x N).
+// N must be a multiple of V::W (tiles are padded to it).
+template <class V>
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+          float* c, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; m += V::kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(V::kRows, M - m));
+    gemm_rows<V, V::kRows>(rows, N, K, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, accumulate);
+  }
+}
+
+// Sets the scores of row i that are not visible to -inf: keys outside [key_begin, key_end) and the
+// padding columns [nk, nk_pad). Only tiles on a mask boundary need the per-key part.
+inline void mask_row(float* s, int64_t j0, int64_t nk, int64_t nk_pad, int64_t kb, int64_t ke, bool full) {
+  if (!full) {
+    const int64_t lo = std::clamp<int64_t>(kb - j0, 0, nk), hi = std::clamp<int64_t>(ke - j0, lo, nk);
+    std::fill(s, s + lo, kNegInf);
+    std::fill(s + hi, s + nk, kNegInf);
+  }
+  std::fill(s + nk, s + nk_pad, kNegInf);
+}
+
+template <class V>
+float row_max(const float* s, int64_t n) {
+  typename V::T m = V::set1(kNegInf);
+  for (int64_t c = 0; c < n; c += V::W) m = V::max(m, V::load(s + c));
+  return V::reduce_max(m);
+}
+
+// s[c] = 2^(s[c] - shift) in place; returns Σ s[c]. -inf scores give exactly 0.
+template <class V>
+float exp2_row(float* s, int64_t n, float shift) {
+  const typename V::T sh = V::set1(shift);
+  typename V::T sum = V::zero();
+  for (int64_t c = 0; c < n; c += V::W) {
+    const typename V::T p = V::exp2(V::sub(V::load(s + c), sh));
+    V::store(s + c, p);
+    sum = V::add(sum, p);
+  }
+  return V::reduce_add(sum);
+}
+
+template <class V>
+void scale_row(float* x, int64_t n, float alpha) {
+  const typename V::T a = V::set1(alpha);
+  for (int64_t c = 0; c < n; c += V::W) V::store(x + c, V::mul(V::load(x + c), a));
+}
+
+// Rows of a tile are handed out heavy-light-heavy-light so that contiguous task ranges stay balanced
+// under causal masks: 0, n-1, 1, n-2, ...
+inline int64_t zigzag(int64_t idx, int64_t n) { return (idx % 2 == 0) ? idx / 2 : n - 1 - idx / 2; }
+
+}  // namespace
+}  // namespace attnext::cpu

@@ -1,0 +1,46 @@
+// Tile sizes and the backward's work split: shared by the kernels and by the workspace size query,
+// so both always agree. Plain integer code.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attnext/params.h"
+
+namespace attnext::cpu {
+namespace {
+
+struct Tiling {
+  int64_t block_q;  // query rows per tile
+  int64_t block_k;  // keys per tile
+  int64_t d_pad;    // head dim padded to 16 floats, the widest vector unit
+};
+
+// 64 x 64 tiles keep Qi, Kj, Vj, S and acc (fp32) within the 512 KiB L2 up to D = 256;
+// larger heads use 32-key tiles.
+inline Tiling choose_tiling(int64_t seq_q, int64_t head_dim) {
+  Tiling t;
+  t.block_q = std::max<int64_t>(1, std::min<int64_t>(64, seq_q));
+  t.block_k = head_dim > 256 ? 32 : 64;
+  t.d_pad = (head_dim + 15) / 16 * 16;
+  return t;
+}
+
+// The backward runs one task per (batch, kv head, split); a split owns every n_split-th key tile and
+// a private fp32 dQ accumulator. More splits are used only when batch x kv heads cannot fill the pool.
+inline int64_t backward_splits(int64_t batch, int64_t heads_kv, int64_t seq_k, int64_t block_k, int num_threads) {
+  const int64_t units = batch * heads_kv, n_kv_tiles = (seq_k + block_k - 1) / block_k;
+  if (units == 0 || units >= 2 * num_threads || n_kv_tiles <= 1) return 1;
+  return std::min<int64_t>(n_kv_tiles, (2 * num_threads + units - 1) / units);
+}
+
+// Floats of fp32 workspace the backward needs: Delta (B, Hq, Sq) and n_split dQ accumulators (B, Hq, Sq, d_pad).
+inline int64_t backward_workspace_floats(const FwdParams& p) {
+  const Tiling t = choose_tiling(p.seq_q, p.head_dim);
+  const int64_t n_split = backward_splits(p.batch, p.heads_kv, p.seq_k, t.block_k, p.num_threads);
+  const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  return rows + n_split * rows * t.d_pad;
+}
+
+}  // namespace
+}  // namespace attnext::cpu

@@ -1,0 +1,52 @@
+// 16-lane fp32 vector for AVX-512F. Included only by the AVX-512 translation unit.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace attnext::cpu {
+namespace {
+
+struct VecAvx512 {
+  using T = __m512;
+  static constexpr int W = 16;     // fp32 lanes
+  static constexpr int kRows = 8;  // micro-kernel rows: 8 x 2 vectors = 16 accumulators of 32 zmm
+  static constexpr const char* kName = "avx512";
+
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T x) { _mm512_storeu_ps(p, x); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+  static float reduce_add(T x) { return _mm512_reduce_add_ps(x); }
+  static float reduce_max(T x) { return _mm512_reduce_max_ps(x); }
+
+  // 2^x as in VecAvx2::exp2: round, degree-6 series of 2^f, exponent bits; x < -126 gives exactly 0.
+  static T exp2(T x) {
+    const T xc = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+    const T n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const T f = _mm512_sub_ps(xc, n);
+    T p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const T r = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), r);
+  }
+
+  static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+  static uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+};
+
+}  // namespace
+}  // namespace attnext::cpu

@@ -1,0 +1,134 @@
+// Shared by the torch binding files (CPU now, CUDA later): turning stable-ABI tensors into the kernel
+// contract, with every input check and its message. Only files named csrc/torch_* include torch.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attnext/mask.h"
+#include "attnext/params.h"
+
+namespace attnext::binding {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+template <class... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  throw std::runtime_error(os.str());
+}
+
+template <class... Args>
+void check(bool cond, const Args&... args) {
+  if (!cond) fail(args...);
+}
+
+inline std::string dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Double: return "float64";
+    default: return "scalar type " + std::to_string(static_cast<int>(t));
+  }
+}
+
+inline DType to_dtype(const char* op, ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return DType::kFloat32;
+    case ScalarType::Half: return DType::kFloat16;
+    case ScalarType::BFloat16: return DType::kBFloat16;
+    default: fail(op, ": dtype ", dtype_name(t), " is not supported (supported: float32, float16, bfloat16)");
+  }
+}
+
+inline std::string shape_string(const Tensor& t) {
+  std::ostringstream os;
+  os << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
+  os << ")";
+  return os.str();
+}
+
+// A 4-D tensor read as (batch, head, seq, dim): bhsd is the tensor's own order, bshd swaps axes 1 and 2.
+struct View4 {
+  int64_t batch, heads, seq, dim;
+  Strides stride;
+};
+
+inline View4 view4(const char* op, const char* name, const Tensor& t, bool bshd) {
+  check(t.dim() == 4, op, ": ", name, " must be a 4-D tensor ", bshd ? "(batch, seq, heads, head_dim)" :
+        "(batch, heads, seq, head_dim)", ", got shape ", shape_string(t));
+  check(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim (stride 1), got stride ",
+        t.stride(3));
+  const int h = bshd ? 2 : 1, s = bshd ? 1 : 2;
+  return {t.size(0), t.size(h), t.size(s), t.size(3), {t.stride(0), t.stride(h), t.stride(s)}};
+}
+
+inline MaskKind to_mask_kind(const char* op, int64_t kind) {
+  check(kind >= 0 && kind <= 3, op, ": mask kind ", kind,
+        " is not supported (supported: 0 none, 1 causal top-left, 2 causal bottom-right, 3 window)");
+  return static_cast<MaskKind>(kind);
+}
+
+// The forward's shape, dtype and device checks; fills everything of FwdParams except pointers to outputs.
+inline FwdParams forward_params(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                                int64_t mask_kind, int64_t window_left, int64_t window_right, bool bshd) {
+  const View4 vq = view4(op, "q", q, bshd), vk = view4(op, "k", k, bshd), vv = view4(op, "v", v, bshd);
+  check(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+        ": q, k and v must have the same dtype, got ", dtype_name(q.scalar_type()), ", ",
+        dtype_name(k.scalar_type()), ", ", dtype_name(v.scalar_type()));
+  check(k.get_device() == q.get_device() && v.get_device() == q.get_device() && k.is_cuda() == q.is_cuda() &&
+            v.is_cuda() == q.is_cuda(),
+        op, ": q, k and v must be on the same device");
+  check(vk.batch == vq.batch && vv.batch == vq.batch, op, ": batch sizes differ: q ", vq.batch, ", k ", vk.batch,
+        ", v ", vv.batch);
+  check(vk.dim == vq.dim && vv.dim == vq.dim, op, ": head dims differ: q ", vq.dim, ", k ", vk.dim, ", v ", vv.dim,
+        " (q, k and v must share one head dim)");
+  check(vk.heads == vv.heads && vk.seq == vv.seq, op, ": k and v shapes differ: k ", shape_string(k), ", v ",
+        shape_string(v));
+  check(vk.heads > 0 ? vq.heads % vk.heads == 0 : vq.heads == 0, op, ": query heads ", vq.heads,
+        " must be a multiple of key/value heads ", vk.heads);
+  check(window_left >= -1 && window_right >= -1, op, ": window (", window_left, ", ", window_right,
+        ") is not supported (each side -1 for unbounded or >= 0)");
+  FwdParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_stride = vq.stride;
+  p.k_stride = vk.stride;
+  p.v_stride = vv.stride;
+  p.batch = vq.batch;
+  p.heads_q = vq.heads;
+  p.heads_kv = vk.heads;
+  p.seq_q = vq.seq;
+  p.seq_k = vk.seq;
+  p.head_dim = vq.dim;
+  p.dtype = to_dtype(op, q.scalar_type());
+  p.scale = static_cast<float>(scale);
+  p.mask = make_mask(to_mask_kind(op, mask_kind), vq.seq, vk.seq, window_left, window_right);
+  return p;
+}
+
+// A contiguous tensor shaped like t (same layout order), on t's device.
+inline Tensor empty_like_contiguous(const Tensor& t, std::optional<ScalarType> dtype = std::nullopt) {
+  std::vector<int64_t> sizes(t.dim());
+  for (int64_t i = 0; i < t.dim(); ++i) sizes[i] = t.size(i);
+  return torch::stable::new_empty(t, sizes, dtype.value_or(t.scalar_type()));
+}
+
+inline Strides strides_of(const Tensor& t, bool bshd) {
+  return bshd ? Strides{t.stride(0), t.stride(2), t.stride(1)} : Strides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+}  // namespace attnext::binding

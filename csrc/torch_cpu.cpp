@@ -1,0 +1,119 @@
+// CPU implementations of the attnext ops: checks, output allocation, torch's thread pool.
+#include "cpu/cpu_attention.h"
+#include "torch_common.h"
+
+namespace attnext::binding {
+namespace {
+
+constexpr const char* kFwdOp = "attnext.attention";
+constexpr const char* kBwdOp = "attnext.attention backward";
+
+void torch_parallel_for(int64_t n, void* ctx, RangeFn fn) {
+  if (n <= 0) return;
+  torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { fn(ctx, begin, end); });
+}
+
+void check_cpu(const char* op, const Tensor& t, const char* name) {
+  check(t.is_cpu(), op, ": ", name, " is on a CUDA device but this is the CPU kernel");
+}
+
+void check_status(const char* op, Status s, const FwdParams& p) {
+  if (s == Status::kUnsupportedHeadDim)
+    fail(op, ": head_dim ", p.head_dim, " is not supported on CPU (supported: 1..512)");
+  check(s == Status::kOk, op, ": CPU kernel failed: ", status_string(s));
+}
+
+FwdParams cpu_params(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                     int64_t mask_kind, int64_t wl, int64_t wr, bool bshd) {
+  check_cpu(op, q, "q");
+  FwdParams p = forward_params(op, q, k, v, scale, mask_kind, wl, wr, bshd);
+  p.num_threads = static_cast<int>(torch::stable::get_num_threads());
+  p.parallel_for = torch_parallel_for;
+  return p;
+}
+
+std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v, double scale, int64_t mask_kind, int64_t wl,
+                                   int64_t wr, bool bshd, bool /*deterministic*/) {
+  FwdParams p = cpu_params(kFwdOp, q, k, v, scale, mask_kind, wl, wr, bshd);
+  Tensor out = empty_like_contiguous(q);
+  Tensor lse = torch::stable::new_empty(q, {p.batch, p.heads_q, p.seq_q}, ScalarType::Float);
+  p.out = out.mutable_data_ptr();
+  p.out_stride = strides_of(out, bshd);
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  check_status(kFwdOp, cpu::forward(p), p);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                           std::optional<Tensor> dlse, double scale, int64_t mask_kind, int64_t wl, int64_t wr, bool bshd,
+                                           bool /*deterministic: the CPU backward always is*/) {
+  BwdParams bp;
+  bp.fwd = cpu_params(kBwdOp, q, k, v, scale, mask_kind, wl, wr, bshd);
+  const FwdParams& p = bp.fwd;
+  const View4 vo = view4(kBwdOp, "out", out, bshd), vd = view4(kBwdOp, "grad_out", dout, bshd);
+  check(vo.batch == p.batch && vo.heads == p.heads_q && vo.seq == p.seq_q && vo.dim == p.head_dim &&
+            vd.batch == p.batch && vd.heads == p.heads_q && vd.seq == p.seq_q && vd.dim == p.head_dim,
+        kBwdOp, ": out ", shape_string(out), " and grad_out ", shape_string(dout), " must have q's shape ",
+        shape_string(q));
+  check(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), kBwdOp,
+        ": out and grad_out must have q's dtype ", dtype_name(q.scalar_type()), ", got ",
+        dtype_name(out.scalar_type()), " and ", dtype_name(dout.scalar_type()));
+  check(out.is_cpu() && dout.is_cpu() && lse.is_cpu(), kBwdOp, ": out, grad_out and lse must be CPU tensors");
+  check(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == p.batch &&
+            lse.size(1) == p.heads_q && lse.size(2) == p.seq_q && lse.is_contiguous(),
+        kBwdOp, ": lse must be a contiguous float32 tensor of shape (", p.batch, ", ", p.heads_q, ", ", p.seq_q,
+        "), got ", dtype_name(lse.scalar_type()), " ", shape_string(lse));
+  bp.fwd.out = const_cast<void*>(out.const_data_ptr());
+  bp.fwd.out_stride = vo.stride;
+  bp.fwd.lse = static_cast<float*>(const_cast<void*>(lse.const_data_ptr()));
+  if (dlse.has_value()) {
+    check(dlse->scalar_type() == ScalarType::Float && dlse->is_cpu() && dlse->dim() == 3 &&
+              dlse->size(0) == p.batch && dlse->size(1) == p.heads_q && dlse->size(2) == p.seq_q &&
+              dlse->is_contiguous(),
+          kBwdOp, ": dlse must be a contiguous float32 CPU tensor shaped like lse, got ",
+          dtype_name(dlse->scalar_type()), " ", shape_string(*dlse));
+    bp.dlse = static_cast<const float*>(dlse->const_data_ptr());
+  }
+  bp.dout = dout.const_data_ptr();
+  bp.dout_stride = vd.stride;
+
+  Tensor dq = empty_like_contiguous(q), dk = empty_like_contiguous(k), dv = empty_like_contiguous(v);
+  bp.dq = dq.mutable_data_ptr();
+  bp.dk = dk.mutable_data_ptr();
+  bp.dv = dv.mutable_data_ptr();
+  bp.dq_stride = strides_of(dq, bshd);
+  bp.dk_stride = strides_of(dk, bshd);
+  bp.dv_stride = strides_of(dv, bshd);
+  const int64_t ws_floats = cpu::backward_workspace_size(p);
+  Tensor ws = torch::stable::new_empty(q, {ws_floats}, ScalarType::Float);
+  bp.workspace = static_cast<float*>(ws.mutable_data_ptr());
+  bp.workspace_floats = ws_floats;
+  check_status(kBwdOp, cpu::backward(bp), p);
+  return {dq, dk, dv};
+}
+
+cpu::Isa to_isa(int64_t isa) {
+  check(isa >= 0 && isa < cpu::kNumIsas, "attnext.set_cpu_isa: unit ", isa,
+        " is not known (known: 0 scalar, 1 avx2, 2 avx512)");
+  return static_cast<cpu::Isa>(isa);
+}
+
+int64_t cpu_isa() { return static_cast<int64_t>(cpu::active_isa()); }
+bool cpu_isa_compiled(int64_t isa) { return cpu::isa_compiled(to_isa(isa)); }
+bool cpu_isa_runnable(int64_t isa) { return cpu::isa_runnable(to_isa(isa)); }
+bool set_cpu_isa(int64_t isa) { return cpu::set_isa(to_isa(isa)); }
+
+}  // namespace
+}  // namespace attnext::binding
+
+STABLE_TORCH_LIBRARY_IMPL(attnext, CPU, m) {
+  m.impl("fwd", TORCH_BOX(&attnext::binding::fwd_cpu));
+  m.impl("bwd", TORCH_BOX(&attnext::binding::bwd_cpu));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(attnext, CompositeExplicitAutograd, m) {
+  m.impl("cpu_isa", TORCH_BOX(&attnext::binding::cpu_isa));
+  m.impl("cpu_isa_compiled", TORCH_BOX(&attnext::binding::cpu_isa_compiled));
+  m.impl("cpu_isa_runnable", TORCH_BOX(&attnext::binding::cpu_isa_runnable));
+  m.impl("set_cpu_isa", TORCH_BOX(&attnext::binding::set_cpu_isa));
+}

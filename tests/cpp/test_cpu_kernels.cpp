@@ -1,0 +1,137 @@
+// CPU kernels against the double reference, for every compiled unit this CPU can run.
+// Plain C++ (no torch): run by CTest.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "attnext/mask.h"
+#include "attnext/params.h"
+#include "attnext/reference.h"
+#include "cpu/cpu_attention.h"
+
+using namespace attnext;
+
+namespace {
+
+int g_failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+// Splits [0, n) over two std::threads, as torch's pool would over its threads.
+void two_threads(int64_t n, void* ctx, RangeFn fn) {
+  const int64_t mid = n / 2;
+  std::thread t([&] { if (mid > 0) fn(ctx, 0, mid); });
+  if (n > mid) fn(ctx, mid, n);
+  t.join();
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<double>& b) {
+  double m = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i])) return INFINITY;
+    m = std::max(m, std::fabs(double(a[i]) - b[i]));
+  }
+  return m;
+}
+
+std::vector<float> randn(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> dist;
+  std::vector<float> x(n);
+  for (auto& v : x) v = dist(rng);
+  return x;
+}
+
+Strides contiguous(int64_t h, int64_t s, int64_t d) { return {h * s * d, s * d, d}; }
+
+void run_case(reference::Shape sh, MaskKind kind, int64_t left, int64_t right, cpu::Isa isa) {
+  std::mt19937 rng(1234 + sh.seq_q * 7 + sh.seq_k);
+  const int64_t nq = sh.batch * sh.heads_q * sh.seq_q * sh.head_dim;
+  const int64_t nk = sh.batch * sh.heads_kv * sh.seq_k * sh.head_dim;
+  auto q = randn(nq, rng), k = randn(nk, rng), v = randn(nk, rng), dout = randn(nq, rng);
+  const double scale = 1.0 / std::sqrt(double(sh.head_dim));
+  const MaskSpec mask = make_mask(kind, sh.seq_q, sh.seq_k, left, right);
+
+  std::vector<float> out(nq), lse(sh.batch * sh.heads_q * sh.seq_q), dq(nq), dk(nk), dv(nk);
+  FwdParams p;
+  p.q = q.data(); p.k = k.data(); p.v = v.data(); p.out = out.data(); p.lse = lse.data();
+  p.q_stride = p.out_stride = contiguous(sh.heads_q, sh.seq_q, sh.head_dim);
+  p.k_stride = p.v_stride = contiguous(sh.heads_kv, sh.seq_k, sh.head_dim);
+  p.batch = sh.batch; p.heads_q = sh.heads_q; p.heads_kv = sh.heads_kv;
+  p.seq_q = sh.seq_q; p.seq_k = sh.seq_k; p.head_dim = sh.head_dim;
+  p.dtype = DType::kFloat32; p.scale = float(scale); p.mask = mask;
+  p.num_threads = 2; p.parallel_for = two_threads;
+
+  const std::string name = std::string(cpu::isa_name(isa)) + " B" + std::to_string(sh.batch) + " Hq" +
+                           std::to_string(sh.heads_q) + " Hkv" + std::to_string(sh.heads_kv) + " Sq" +
+                           std::to_string(sh.seq_q) + " Sk" + std::to_string(sh.seq_k) + " D" +
+                           std::to_string(sh.head_dim) + " mask" + std::to_string(int(kind));
+  expect(cpu::forward(p) == Status::kOk, name + ": forward status");
+  std::vector<double> ref_out, ref_lse, ref_dq, ref_dk, ref_dv;
+  reference::forward(sh, q.data(), k.data(), v.data(), scale, mask, ref_out, ref_lse);
+  const double err = max_abs_diff(out, ref_out);
+  expect(err < 2e-5, name + ": out error " + std::to_string(err));
+  for (size_t i = 0; i < lse.size(); ++i) {
+    const bool both_inf = std::isinf(ref_lse[i]) && lse[i] == -INFINITY;
+    expect(both_inf || std::fabs(lse[i] - ref_lse[i]) < 2e-5, name + ": lse row " + std::to_string(i));
+    if (!both_inf && std::fabs(lse[i] - ref_lse[i]) >= 2e-5) break;
+  }
+
+  BwdParams bp;
+  bp.fwd = p;
+  bp.dout = dout.data(); bp.dq = dq.data(); bp.dk = dk.data(); bp.dv = dv.data();
+  bp.dout_stride = bp.dq_stride = p.q_stride;
+  bp.dk_stride = bp.dv_stride = p.k_stride;
+  std::vector<float> ws(cpu::backward_workspace_size(p));
+  bp.workspace = ws.data(); bp.workspace_floats = int64_t(ws.size());
+  expect(cpu::backward(bp) == Status::kOk, name + ": backward status");
+  reference::backward(sh, q.data(), k.data(), v.data(), dout.data(), scale, mask, ref_dq, ref_dk, ref_dv);
+  const double eq = max_abs_diff(dq, ref_dq), ek = max_abs_diff(dk, ref_dk), ev = max_abs_diff(dv, ref_dv);
+  expect(eq < 1e-4 && ek < 1e-4 && ev < 1e-4,
+         name + ": grad errors " + std::to_string(eq) + " " + std::to_string(ek) + " " + std::to_string(ev));
+}
+
+void test_mask_rules() {
+  const MaskSpec tl = make_mask(MaskKind::kCausalTopLeft, 3, 5, -1, -1);
+  expect(key_begin(tl, 0, 5) == 0 && key_end(tl, 0, 5) == 1 && key_end(tl, 2, 5) == 3, "top-left causal rows");
+  const MaskSpec br = make_mask(MaskKind::kCausalBottomRight, 3, 5, -1, -1);
+  expect(key_end(br, 0, 5) == 3 && key_end(br, 2, 5) == 5, "bottom-right causal rows");
+  const MaskSpec br_long_q = make_mask(MaskKind::kCausalBottomRight, 5, 3, -1, -1);
+  expect(key_end(br_long_q, 1, 3) == 0 && key_end(br_long_q, 2, 3) == 1, "bottom-right, Sq > Sk: empty rows");
+  const MaskSpec win = make_mask(MaskKind::kWindow, 4, 4, 1, 0);
+  expect(key_begin(win, 3, 4) == 2 && key_end(win, 3, 4) == 4, "window (1, 0)");
+  expect(row_begin(tl, 2, 3) == 2 && row_end(tl, 2, 3) == 3, "rows seeing a key, top-left");
+  expect(row_begin(win, 1, 4) == 1 && row_end(win, 1, 4) == 3, "rows seeing a key, window");
+  expect(tile_fully_visible(tl, 2, 3, 0, 2, 5) && !tile_fully_visible(tl, 0, 3, 0, 2, 5), "fully visible tiles");
+}
+
+}  // namespace
+
+int main() {
+  test_mask_rules();
+  const reference::Shape shapes[] = {
+      {1, 1, 1, 1, 1, 1},     {1, 2, 1, 17, 17, 3},    {2, 4, 2, 113, 67, 40}, {1, 3, 3, 65, 130, 64},
+      {1, 8, 1, 70, 203, 16}, {1, 2, 2, 129, 64, 130}, {1, 1, 1, 5, 0, 8},     {1, 2, 1, 1, 300, 72},
+  };
+  const MaskKind kinds[] = {MaskKind::kNone, MaskKind::kCausalTopLeft, MaskKind::kCausalBottomRight,
+                            MaskKind::kWindow};
+  int units = 0;
+  for (int i = 0; i < cpu::kNumIsas; ++i) {
+    const auto isa = static_cast<cpu::Isa>(i);
+    if (!cpu::set_isa(isa)) continue;
+    ++units;
+    for (const auto& sh : shapes)
+      for (const auto kind : kinds) run_case(sh, kind, kind == MaskKind::kWindow ? 9 : -1, kind == MaskKind::kWindow ? 4 : -1, isa);
+  }
+  expect(units >= 1, "at least one runnable unit");
+  std::printf("%d passed, %d failed\n", g_failures == 0 ? 1 : 0, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
