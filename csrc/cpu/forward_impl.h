@@ -39,14 +39,21 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
     pack_transposed<V>(k + j0 * p.k_stride.s, p.k_stride.s, nk, D, w.k_t.data(), nk_pad);
     pack_rows<V>(v + j0 * p.v_stride.s, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
 
-    // S = Qi · Kjᵀ  (rows x nk_pad, base-2 logits)
-    gemm<V>(rows, nk_pad, D, w.q_s.data(), Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
+    // Only rows [r0, r1) of the tile see a key of this key tile; the others skip it untouched.
+    const int64_t r0 = std::max<int64_t>(0, row_begin(p.mask, j0, p.seq_q) - i0);
+    const int64_t r1 = std::min<int64_t>(rows, row_end(p.mask, j0 + nk - 1, p.seq_q) - i0);
+    if (r1 <= r0) continue;
+    float* q_s = w.q_s.data() + r0 * Dp;
+    float* acc = w.acc.data() + r0 * Dp;
+
+    // S = Qi · Kjᵀ  ((r1 - r0) x nk_pad, base-2 logits)
+    gemm<V>(r1 - r0, nk_pad, D, q_s, Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
 
     // Online softmax per row: m_new = max(m_i, rowmax S), P = 2^(S - m_new),
     // l_i ← l_i · 2^(m_i - m_new) + rowsum P, acc ← acc · 2^(m_i - m_new).
-    const bool full = tile_fully_visible(p.mask, i0, i1, j0, j0 + nk, p.seq_k);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* s = w.s.data() + r * nk_pad;
+    const bool full = tile_fully_visible(p.mask, i0 + r0, i0 + r1, j0, j0 + nk, p.seq_k);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* s = w.s.data() + (r - r0) * nk_pad;
       const int64_t i = i0 + r;
       mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
       const float m_new = std::max(w.m[r], row_max<V>(s, nk_pad));
@@ -61,7 +68,7 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
     }
 
     // acc += P · Vj
-    gemm<V>(rows, Dp, nk, w.s.data(), nk_pad, 1, w.v_p.data(), Dp, w.acc.data(), Dp, true);
+    gemm<V>(r1 - r0, Dp, nk, w.s.data(), nk_pad, 1, w.v_p.data(), Dp, acc, Dp, true);
   }
 
   // O_i = acc / l_i and lse_i = (m_i + log2 l_i) · ln 2; a row with no visible key gets O = 0, lse = -inf.

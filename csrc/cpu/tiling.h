@@ -16,11 +16,13 @@ struct Tiling {
   int64_t d_pad;    // head dim padded to 16 floats, the widest vector unit
 };
 
-// 64 x 64 tiles keep Qi, Kj, Vj, S and acc (fp32) within the 512 KiB L2 up to D = 256;
-// larger heads use 32-key tiles.
+// Tall query tiles amortise packing each key tile (a transpose of Kj) over many rows; the sizes keep
+// Qi, acc, S, Kj and Vj (fp32) within a 512 KiB L2: 256 rows up to D = 128, 128 up to 256, then 64
+// rows and 32-key tiles.
 inline Tiling choose_tiling(int64_t seq_q, int64_t head_dim) {
   Tiling t;
-  t.block_q = std::max<int64_t>(1, std::min<int64_t>(64, seq_q));
+  const int64_t rows = head_dim <= 128 ? 256 : head_dim <= 256 ? 128 : 64;
+  t.block_q = std::max<int64_t>(1, std::min<int64_t>(rows, seq_q));
   t.block_k = head_dim > 256 ? 32 : 64;
   t.d_pad = (head_dim + 15) / 16 * 16;
   return t;

@@ -119,7 +119,7 @@ int main() {
   test_mask_rules();
   const reference::Shape shapes[] = {
       {1, 1, 1, 1, 1, 1},     {1, 2, 1, 17, 17, 3},    {2, 4, 2, 113, 67, 40}, {1, 3, 3, 65, 130, 64},
-      {1, 8, 1, 70, 203, 16}, {1, 2, 2, 129, 64, 130}, {1, 1, 1, 5, 0, 8},     {1, 2, 1, 1, 300, 72},
+      {1, 8, 1, 70, 203, 16}, {1, 2, 2, 129, 64, 130}, {1, 1, 1, 5, 0, 8},     {1, 2, 1, 1, 300, 72},  {1, 2, 1, 530, 300, 24}, {1, 1, 1, 300, 530, 144},
   };
   const MaskKind kinds[] = {MaskKind::kNone, MaskKind::kCausalTopLeft, MaskKind::kCausalBottomRight,
                             MaskKind::kWindow};
@@ -128,6 +128,7 @@ int main() {
     const auto isa = static_cast<cpu::Isa>(i);
     if (!cpu::set_isa(isa)) continue;
     ++units;
+    std::printf("unit %s\n", cpu::isa_name(isa));
     for (const auto& sh : shapes)
       for (const auto kind : kinds) run_case(sh, kind, kind == MaskKind::kWindow ? 9 : -1, kind == MaskKind::kWindow ? 4 : -1, isa);
   }
