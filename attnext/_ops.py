@@ -6,15 +6,26 @@ The ops themselves (schemas and CPU/CUDA kernels) live in C++ under torch.ops.at
       -> (dq, dk, dv)
 """
 
+import importlib
+import importlib.util
+
 import torch
 
 from attnext import _C  # noqa: F401  (loading it registers torch.ops.attnext.*)
 
-try:
-    from attnext import _C_cuda  # noqa: F401
-    CUDA_MODULE_ERROR = None
-except ImportError as exc:  # not built, or built for a CUDA torch while this torch has none
-    CUDA_MODULE_ERROR = str(exc)
+
+def _load_cuda_module():
+    """Imports attnext._C_cuda when it was built; returns None on success, else why it is unavailable."""
+    if importlib.util.find_spec("attnext._C_cuda") is None:
+        return "attnext was built without its CUDA module (see python -m attnext.info)"
+    try:
+        importlib.import_module("attnext._C_cuda")
+    except ImportError as exc:  # e.g. built for a CUDA torch while this torch has none
+        return f"attnext._C_cuda failed to load: {exc}"
+    return None
+
+
+CUDA_MODULE_ERROR = _load_cuda_module()
 
 MASK_NONE, MASK_CAUSAL_TOP_LEFT, MASK_CAUSAL_BOTTOM_RIGHT, MASK_WINDOW = 0, 1, 2, 3
 

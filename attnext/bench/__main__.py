@@ -1,0 +1,257 @@
+"""`python -m attnext.bench`: correctness check, then attnext against torch SDPA, or `--memory`."""
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+
+import attnext
+from attnext import _ops, info
+from attnext.bench import check, configs, memory, report, timing
+
+DESCRIPTION = ("Checks attnext against its reference on each benchmarked config (small sizes), then times it "
+               "against torch.nn.functional.scaled_dot_product_attention in the same run; --memory measures "
+               "extra peak memory instead.")
+EPILOG = """\
+suites:
+  quick    {quick}
+  anchors  {anchors}
+  gpu      {gpu}
+
+--shapes "B,H,S,D;...": concrete shapes replace the suite's; a field "*" matches any, so that
+"*,*,4096,*" keeps the suite's shapes with S=4096. Causal is top-left aligned (Sq == Sk here).
+FLOPs: forward 4*B*H*S*S*D over the visible pairs (about half when causal), forward+backward 3.5x.
+ratio = peer ms / attnext ms: > 1 means attnext is faster.
+
+examples:
+  python -m attnext.bench
+  python -m attnext.bench --suite anchors --threads 1,2 --json benchmarks/results/cpu.json
+  python -m attnext.bench --suite anchors --shapes "*,*,4096,*" --dtypes float32 --modes fwd
+  python -m attnext.bench --memory --memory-shape 1,8,4096,64
+""".format(**{name: suite[2] for name, suite in configs.SUITES.items()})
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m attnext.bench", description=DESCRIPTION,
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=list(configs.SUITES), default="quick", help="shape set (default: quick)")
+    p.add_argument("--shapes", help='"B,H,S,D;..." to replace or filter the suite\'s shapes (see below)')
+    p.add_argument("--device", help="cpu or cuda (default: cuda if a GPU and attnext's CUDA module are there)")
+    p.add_argument("--dtypes", help="comma-separated (default: float32,bfloat16; the gpu suite: bfloat16)")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd (default: both)")
+    p.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="default: both")
+    p.add_argument("--threads", default="1", help="torch threads, a list runs each: 1,2 (default: 1)")
+    p.add_argument("--reps", type=int, default=9, help="timed runs per config, median reported (default: 9)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per config first (default: 2)")
+    p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--memory", action="store_true",
+                   help="measure extra peak memory of attnext and SDPA instead of timing")
+    p.add_argument("--memory-shape", default="1,8,4096,64", help="B,H,S,D for --memory (default: 1,8,4096,64)")
+    p.add_argument("--memory-dtype", default="float32", help="dtype for --memory (default: float32)")
+    p.add_argument("--json", metavar="FILE", help="save all numbers, the machine and the command line as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="save the header and table as markdown")
+    p.add_argument("--plot", metavar="FILE.png", help="save a bar chart of the FLOP rates (matplotlib)")
+    args = p.parse_args(argv)
+    try:
+        args.modes = configs.parse_list(args.modes, configs.MODES, "mode")
+        dtypes = args.dtypes or ",".join(configs.SUITES[args.suite][1])
+        names = configs.parse_list(dtypes, list(configs.DTYPES), "dtype")
+        args.dtypes = list(dict.fromkeys(configs.DTYPE_NAMES[configs.DTYPES[n]] for n in names))
+        args.threads = configs.parse_ints(args.threads, "--threads")
+        args.shape_list = configs.select_shapes(args.shapes, configs.SUITES[args.suite][0])
+        args.memory_shape = configs.parse_shape(args.memory_shape)
+        if None in args.memory_shape:
+            raise ValueError("attnext.bench: --memory-shape takes integers only")
+        configs.parse_list(args.memory_dtype, list(configs.DTYPES), "dtype")
+    except ValueError as exc:
+        p.error(str(exc).removeprefix("attnext.bench: "))
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def pick_device(name):
+    if name:
+        device = torch.device(name)
+        if device.type not in ("cpu", "cuda"):
+            raise SystemExit(f"attnext.bench: --device {name} is not supported (supported: cpu, cuda)")
+        if device.type == "cuda" and _ops.CUDA_MODULE_ERROR is not None:
+            raise SystemExit(f"attnext.bench: --device {name}: attnext's CUDA module is not loaded "
+                             f"({_ops.CUDA_MODULE_ERROR})")
+        return device
+    if _ops.CUDA_MODULE_ERROR is None and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def machine_info(device):
+    cpu = info.cpu_info()
+    m = {"cpu_model": cpu["model"], "logical_cpus": cpu["logical_cpus"], "usable_cpus": cpu["usable_cpus"],
+         "cpu_flags": cpu["flags"], "platform": platform.platform(), "hostname": platform.node(),
+         "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
+         "attnext": attnext.__version__, "cpu_unit": _ops.cpu_unit(), "cpu_units_runnable": _ops.cpu_units_runnable(),
+         "cuda_module_error": _ops.CUDA_MODULE_ERROR, "build": info.build_info(), "gpu": None}
+    if device.type == "cuda" or torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(device if device.type == "cuda" else 0)
+        m["gpu"] = f"{p.name}, compute capability {p.major}.{p.minor}"
+    return m
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def _terminal_width():
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError):
+        return 0
+
+
+class Progress:
+    """A tqdm bar on a terminal when tqdm is installed, else one line per step on stderr."""
+
+    def __init__(self, total):
+        self.total, self.done, self.bar = total, 0, None
+        if _terminal_width() > 0:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, file=sys.stderr, unit="config", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, text, short):
+        """Logs `text`; a bar shows `short` only."""
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(short, refresh=False)
+            self.bar.update(1)
+        else:
+            log(f"[{self.done}/{self.total}] {text}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def result_row(cfg, device, threads, peer, a, t):
+    """One table row: attnext's and a peer's medians on `cfg`, with FLOP rates and the ratio."""
+    _, divisor = report.rate_unit(device.type)
+    flops = cfg.flops()
+    return dict(device=device.type, dtype=cfg.dtype_name, batch=cfg.batch, heads=cfg.heads, seqlen=cfg.seqlen,
+                head_dim=cfg.head_dim, causal=cfg.causal, mode=cfg.mode, threads=threads, peer=peer, flops=flops,
+                attnext_ms=a["median_ms"], peer_ms=t["median_ms"],
+                attnext_rate=flops / (a["median_ms"] * 1e-3) / divisor,
+                peer_rate=flops / (t["median_ms"] * 1e-3) / divisor,
+                ratio=t["median_ms"] / a["median_ms"], attnext_samples_ms=a["samples_ms"],
+                peer_samples_ms=t["samples_ms"])
+
+
+def run_timing(cfgs, args, device):
+    """Times every config at every thread count; returns (result rows, peers skipped with their reasons)."""
+    results, skipped = [], []
+    progress = Progress(len(cfgs) * len(args.threads))
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for cfg in cfgs:
+                timings, missing = timing.measure(cfg, device, args.reps, args.warmup)
+                a = timings.pop("attnext")
+                results += [result_row(cfg, device, threads, peer, a, t) for peer, t in timings.items()]
+                skipped += [dict(config=cfg.label(), threads=threads, peer=p, reason=r) for p, r in missing.items()]
+                ratios = ", ".join(f"{p} {t['median_ms'] / a['median_ms']:.2f}x" for p, t in timings.items())
+                progress.step(f"{cfg.label()}, {report.threads_text(threads)}: attnext {a['median_ms']:.2f} ms; "
+                              f"ratio {ratios}", f"{cfg.label()}: {ratios}")
+    finally:
+        progress.close()
+    return results, skipped
+
+
+def memory_mode(args, device, record):
+    """--memory: extra peak memory of attnext and SDPA; returns the lines to print."""
+    dtype = str(configs.DTYPES[args.memory_dtype]).replace("torch.", "")
+    try:
+        rows = memory.measure_memory(args.memory_shape, dtype, False, device, args.threads[0], log)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        raise SystemExit(str(exc)) from None
+    record["memory"] = rows
+    body = ["extra peak memory of one call (fresh process per cell; includes the output and, for fwdbwd, "
+            "the gradients); ratio = sdpa / attnext", "", report.memory_table(rows)]
+    if not all(r["peak_reset"] for r in rows):
+        body.append("note: the peak could not be reset (/proc/self/clear_refs): extra memory may be undercounted")
+    return body
+
+
+def check_mode(cfgs, args, device, record):
+    """The correctness check at small sizes, at the largest thread count timed; returns whether all pass."""
+    torch.set_num_threads(max(args.threads))
+    log(f"checking attnext against the reference on {device} "
+        f"(small sizes, {report.threads_text(max(args.threads))})")
+    ok, record["check"] = check.run_checks(cfgs, device, log)
+    print(f"correctness: {'pass' if ok else 'FAIL'} "
+          f"({sum(r['ok'] for r in record['check'])}/{len(record['check'])} cases)", flush=True)
+    for r in record["check"]:
+        if not r["ok"]:
+            print("  " + check.describe(r))
+    return ok
+
+
+def timing_mode(cfgs, args, device, record):
+    """attnext against its peers on every config; returns the lines to print."""
+    log(f"timing {len(cfgs)} configs x {len(args.threads)} thread setting(s), median of {args.reps}")
+    results, skipped = run_timing(cfgs, args, device)
+    record.update(results=results, skipped=skipped)
+    body = [f"timing: median of {args.reps} after {args.warmup} warm-up, attnext and peer interleaved; "
+            "ratio = peer ms / attnext ms (> 1: attnext faster)", "", report.timing_table(results, device.type), ""]
+    body += report.summary_lines(results)
+    body += [f"skipped {s['peer']} on {s['config']} ({report.threads_text(s['threads'])}): {s['reason']}"
+             for s in skipped]
+    if args.plot and results:
+        report.write_plot(args.plot, results, device.type)
+    return body
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    machine = machine_info(device)
+    command = "python -m attnext.bench " + " ".join(shlex.quote(a) for a in argv)
+    start = time.perf_counter()
+    record = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": command, "machine": machine, "device": str(device),
+              "versions": {k: machine[k] for k in ("torch", "torch_cuda", "python", "attnext")}}
+    header = report.header_lines(machine, device, command)
+    print("\n".join(header), flush=True)
+    if args.memory:
+        body = memory_mode(args, device, record)
+    else:
+        causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+        cfgs = configs.build_configs(args.shape_list, args.dtypes, args.modes, causals)
+        record.update(suite=args.suite, shapes=args.shape_list, dtypes=args.dtypes, modes=args.modes,
+                      reps=args.reps, warmup=args.warmup, threads=args.threads)
+        if not args.skip_check and not check_mode(cfgs, args, device, record):
+            if args.json:
+                report.write_json(args.json, record)
+            log("attnext.bench: correctness check failed; nothing timed")
+            return 1
+        body = timing_mode(cfgs, args, device, record)
+    record["seconds"] = time.perf_counter() - start
+    print("\n" + "\n".join(body), flush=True)
+    if args.markdown:
+        lines = ["# attnext benchmark", ""] + [f"- {h}" for h in header] + [""] + body
+        report.write_text(args.markdown, "\n".join(lines))
+    if args.json:
+        report.write_json(args.json, record)
+    log(f"done in {record['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
