@@ -48,7 +48,10 @@ def attention_reference(q, k, v, *, causal=False, scale=None, layout="bhsd", win
     s = rnd(qw @ kw.transpose(-1, -2)) * scale
     mask = visible(q.shape[2], k.shape[2], causal, window_size, q.device)
     s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True).detach()
+    if s.shape[-1] == 0:  # no keys at all: every row is fully masked
+        m = s.new_full((*s.shape[:-1], 1), float("-inf"))
+    else:
+        m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)

@@ -69,7 +69,7 @@ struct View4 {
 inline View4 view4(const char* op, const char* name, const Tensor& t, bool bshd) {
   check(t.dim() == 4, op, ": ", name, " must be a 4-D tensor ", bshd ? "(batch, seq, heads, head_dim)" :
         "(batch, heads, seq, head_dim)", ", got shape ", shape_string(t));
-  check(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim (stride 1), got stride ",
+  check(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim (stride 1), got stride ",
         t.stride(3));
   const int h = bshd ? 2 : 1, s = bshd ? 1 : 2;
   return {t.size(0), t.size(h), t.size(s), t.size(3), {t.stride(0), t.stride(h), t.stride(s)}};

@@ -3,6 +3,7 @@
 // softmax, so no task ever holds more than one Bq x Bk score tile, and no two tasks share output.
 #pragma once
 
+#include "cpu/decode_impl.h"
 #include "cpu/tile_ops.h"
 #include "cpu/tiling.h"
 
@@ -83,6 +84,7 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
 
 template <class V, class T>
 void forward_typed(const FwdParams& p) {
+  if (use_decode(p)) return decode_typed<V, T>(p);
   const Tiling t = choose_tiling(p.seq_q, p.head_dim);
   const int64_t n_tiles = (p.seq_q + t.block_q - 1) / t.block_q;
   const int64_t n_tasks = p.batch * p.heads_q * n_tiles;

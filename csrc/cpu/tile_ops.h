@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attnext/params.h"
@@ -48,13 +49,24 @@ struct Convert {
   static void store(float f, Half* dst) { dst->bits = V::float_to_half(f); }
 };
 
+// V::W consecutive elements widened to fp32 in registers.
+template <class V>
+typename V::T load_float(const float* p) { return V::load(p); }
+template <class V>
+typename V::T load_float(const Bf16* p) { return V::load_bf16(reinterpret_cast<const uint16_t*>(p)); }
+template <class V>
+typename V::T load_float(const Half* p) { return V::load_half(reinterpret_cast<const uint16_t*>(p)); }
+
 // dst[r][c] = src[r * row_stride + c] * mul for r < rows, c < cols; columns [cols, ld) are zero.
 template <class V, class T>
 void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float mul, float* dst, int64_t ld) {
+  const typename V::T mv = V::set1(mul);
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * row_stride;
     float* d = dst + r * ld;
-    for (int64_t c = 0; c < cols; ++c) d[c] = Convert<V>::to_float(s[c]) * mul;
+    int64_t c = 0;
+    for (; c + V::W <= cols; c += V::W) V::store(d + c, V::mul(load_float<V>(s + c), mv));
+    for (; c < cols; ++c) d[c] = Convert<V>::to_float(s[c]) * mul;
     for (int64_t c = cols; c < ld; ++c) d[c] = 0.0f;
   }
 }
@@ -128,6 +140,14 @@ inline void mask_row(float* s, int64_t j0, int64_t nk, int64_t nk_pad, int64_t k
     std::fill(s + hi, s + nk, kNegInf);
   }
   std::fill(s + nk, s + nk_pad, kNegInf);
+}
+
+// Σ_c x[c]·y[c] for n a multiple of V::W.
+template <class V>
+float dot(const float* x, const float* y, int64_t n) {
+  typename V::T acc = V::zero();
+  for (int64_t c = 0; c < n; c += V::W) acc = V::fma(V::load(x + c), V::load(y + c), acc);
+  return V::reduce_add(acc);
 }
 
 template <class V>

@@ -36,6 +36,22 @@ inline int64_t backward_splits(int64_t batch, int64_t heads_kv, int64_t seq_k, i
   return std::min<int64_t>(n_kv_tiles, (2 * num_threads + units - 1) / units);
 }
 
+// The decode-shaped forward (decode_impl.h) takes over when each KV head serves at most this many
+// query rows (Sq x the GQA group): its lanes are those rows, so it streams K and V once per group.
+constexpr int64_t kDecodeMaxRows = 16;
+
+inline bool use_decode(const FwdParams& p) {
+  return p.heads_kv > 0 && p.seq_q * (p.heads_q / p.heads_kv) <= kDecodeMaxRows;
+}
+
+// Tasks per (batch, KV head) of the decode forward: the key range is split when the heads alone
+// cannot give every thread two tasks.
+inline int64_t decode_splits(const FwdParams& p, int64_t block_k) {
+  const int64_t units = p.batch * p.heads_kv, n_tiles = (p.seq_k + block_k - 1) / block_k;
+  if (units == 0 || units >= 2 * p.num_threads || n_tiles <= 1) return 1;
+  return std::min<int64_t>(n_tiles, (2 * p.num_threads + units - 1) / units);
+}
+
 // Floats of fp32 workspace the backward needs: Delta (B, Hq, Sq) and n_split dQ accumulators (B, Hq, Sq, d_pad).
 inline int64_t backward_workspace_floats(const FwdParams& p) {
   const Tiling t = choose_tiling(p.seq_q, p.head_dim);

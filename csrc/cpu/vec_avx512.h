@@ -44,6 +44,12 @@ struct VecAvx512 {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), r);
   }
 
+  static T load_bf16(const uint16_t* p) {  // bf16 is the top half of an fp32
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  }
+  static T load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
   static uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 };

@@ -44,6 +44,16 @@ struct VecScalar {
     return s;
   }
 
+  static T load_bf16(const uint16_t* p) {
+    return map([&](int i) {
+      const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+      float f;
+      std::memcpy(&f, &bits, 4);
+      return f;
+    });
+  }
+  static T load_half(const uint16_t* p) { return map([&](int i) { return half_to_float(p[i]); }); }
+
   // IEEE binary16 <-> binary32 in software, round to nearest even.
   static float half_to_float(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

@@ -120,6 +120,7 @@ int main() {
   const reference::Shape shapes[] = {
       {1, 1, 1, 1, 1, 1},     {1, 2, 1, 17, 17, 3},    {2, 4, 2, 113, 67, 40}, {1, 3, 3, 65, 130, 64},
       {1, 8, 1, 70, 203, 16}, {1, 2, 2, 129, 64, 130}, {1, 1, 1, 5, 0, 8},     {1, 2, 1, 1, 300, 72},  {1, 2, 1, 530, 300, 24}, {1, 1, 1, 300, 530, 144},
+      {1, 8, 2, 3, 700, 64},  {2, 4, 4, 4, 150, 40},  {1, 4, 1, 2, 1000, 128}, {3, 2, 1, 1, 33, 16},
   };
   const MaskKind kinds[] = {MaskKind::kNone, MaskKind::kCausalTopLeft, MaskKind::kCausalBottomRight,
                             MaskKind::kWindow};
