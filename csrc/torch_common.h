@@ -39,7 +39,13 @@ inline std::string dtype_name(ScalarType t) {
     case ScalarType::Half: return "float16";
     case ScalarType::BFloat16: return "bfloat16";
     case ScalarType::Double: return "float64";
-    default: return "scalar type " + std::to_string(static_cast<int>(t));
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Bool: return "bool";
+    default: return torch::headeronly::toString(t);
   }
 }
 

@@ -1,0 +1,154 @@
+"""attnext.attention against the reference by FlashAttention's rule, on every runnable CPU vector unit:
+odd sizes, both causal alignments, fully masked rows, GQA/MQA, head dims, dtypes, windows and scale.
+Each case checks out, lse and dq/dk/dv (see helpers.check_attention)."""
+
+import pytest
+import torch
+
+import attnext
+from helpers import DTYPES, check_attention, empty_rows, make_qkv
+
+ODD = (1, 17, 113, 203)
+MASKS = (False, "top_left", "bottom_right")
+
+
+@pytest.mark.parametrize("causal", MASKS)
+@pytest.mark.parametrize("sk", ODD)
+@pytest.mark.parametrize("sq", ODD)
+def test_odd_sizes(cpu_unit, sq, sk, causal):
+    q, k, v = make_qkv(1, 2, 2, sq, sk, 40)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", MASKS)
+@pytest.mark.parametrize("sq,sk", [(1023, 1025), (1025, 1023), (1025, 1025), (1, 1025), (17, 1023), (1025, 17),
+                                   (203, 1025)])
+def test_long_sequences(cpu_unit, sq, sk, causal, dtype):
+    q, k, v = make_qkv(1, 2, 1, sq, sk, 64, dtype)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sq,sk,causal,window", [
+    (1025, 1023, False, (100, 50)),
+    (1023, 1025, "bottom_right", (200, -1)),
+    (1025, 113, False, (-1, 0)),             # rows 0..911 see no key
+    (113, 1025, "top_left", (30, 0)),
+])
+def test_long_windows(cpu_unit, dtype, sq, sk, causal, window):
+    q, k, v = make_qkv(1, 2, 2, sq, sk, 32, dtype)
+    check_attention(q, k, v, causal=causal, window_size=window, dlse=True)
+
+
+# (Sq, Sk, causal, window); the comments say which keys row i sees and which rows see none
+MASKED = [
+    (203, 17, "bottom_right", (-1, -1)),  # diagonal at key i - 186: rows 0..185
+    (40, 7, "bottom_right", (2, -1)),     # keys i - 35 .. i - 33: rows 0..32
+    (40, 7, "top_left", (2, -1)),         # keys i - 2 .. i: rows 9..39 (the bottom rows)
+    (113, 17, False, (3, 0)),             # keys i - 99 .. i - 96: rows 0..95
+    (113, 17, False, (-1, 2)),            # keys .. i - 94: rows 0..93
+    (17, 113, False, (0, 0)),             # one key per row, none masked
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,sk,causal,window", MASKED)
+def test_fully_masked_rows(cpu_unit, dtype, sq, sk, causal, window):
+    """Rows without a visible key: out exactly 0, lse -inf, dq exactly 0, and no NaN anywhere, also when
+    the loss reads lse."""
+    q, k, v = make_qkv(1, 4, 2, sq, sk, 32, dtype)
+    got = check_attention(q, k, v, causal=causal, window_size=window, dlse=True)
+    rows = empty_rows(sq, sk, causal, window)
+    assert torch.all(got["out"][:, :, rows] == 0)
+    assert torch.all(got["lse"][:, :, rows] == float("-inf"))
+    assert torch.all(got["lse"][:, :, ~rows] > float("-inf"))
+    assert torch.all(got["dq"][:, :, rows] == 0)
+    for name in ("out", "dq", "dk", "dv"):
+        assert torch.isfinite(got[name]).all(), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (16, 2), (5, 1)],
+                         ids=["ratio1", "ratio2", "ratio4", "ratio8-mqa", "ratio8", "mqa5"])
+def test_gqa(cpu_unit, dtype, hq, hkv):
+    q, k, v = make_qkv(2, hq, hkv, 33, 47, 32, dtype)
+    check_attention(q, k, v, causal="bottom_right")
+
+
+HEAD_DIMS = (1, 3, 8, 16, 32, 40, 64, 72, 96, 128, 160, 192, 256, 257, 320, 384, 512)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_head_dims(cpu_unit, d):
+    sq, sk = (33, 70) if d <= 128 else (9, 37)
+    for dtype in DTYPES:
+        q, k, v = make_qkv(1, 2, 1, sq, sk, d, dtype)
+        check_attention(q, k, v, causal="bottom_right", what=f"d={d}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,d,causal", [
+    (2, 3, 3, 65, 64, 64, False),
+    (1, 4, 2, 64, 129, 128, "top_left"),
+    (3, 2, 1, 130, 66, 96, "bottom_right"),
+    (1, 1, 1, 1, 1, 16, "bottom_right"),
+])
+def test_dtypes(cpu_unit, dtype, b, hq, hkv, sq, sk, d, causal):
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype)
+    got = check_attention(q, k, v, causal=causal, dlse=True)
+    assert got["out"].dtype == dtype and got["lse"].dtype == torch.float32
+    assert all(got[n].dtype == dtype for n in ("dq", "dk", "dv"))
+
+
+WINDOWS = [(0, 0), (1, 0), (0, 1), (3, 2), (5, -1), (-1, 3), (16, 16), (100, 0), (0, 100)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("sq,sk", [(70, 70), (37, 90), (90, 37)])
+def test_windows(cpu_unit, sq, sk, window, dtype):
+    q, k, v = make_qkv(1, 2, 1, sq, sk, 24, dtype)
+    check_attention(q, k, v, window_size=window)
+
+
+@pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("window", [(0, 0), (4, 0), (4, -1), (64, -1)], ids=str)
+@pytest.mark.parametrize("sq,sk", [(70, 70), (37, 90), (90, 37)])
+def test_causal_with_window(cpu_unit, sq, sk, causal, window):
+    """causal with a left window; a right bound of 0 or -1 is the causal one."""
+    q, k, v = make_qkv(1, 2, 2, sq, sk, 24)
+    check_attention(q, k, v, causal=causal, window_size=window)
+
+
+def test_causal_window_right_bound_is_causal(cpu_unit):
+    q, k, v = make_qkv(1, 2, 1, 20, 31, 16)
+    a = check_attention(q, k, v, causal="bottom_right", window_size=(3, -1), grads=False)
+    b = check_attention(q, k, v, causal="bottom_right", window_size=(3, 0), grads=False)
+    c = check_attention(q, k, v, window_size=(3, 0), grads=False)
+    assert torch.equal(a["out"], b["out"]) and torch.equal(a["out"], c["out"])
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.3, 1.0, 4.0])
+def test_scale(cpu_unit, scale):
+    q, k, v = make_qkv(2, 2, 1, 45, 61, 32)
+    check_attention(q, k, v, scale=scale, causal="top_left")
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(cpu_unit):
+    q, k, v = make_qkv(1, 2, 2, 9, 11, 36)
+    assert torch.equal(attnext.attention(q, k, v), attnext.attention(q, k, v, scale=1 / 6))
+
+
+def test_causal_true_is_top_left(cpu_unit):
+    q, k, v = make_qkv(1, 2, 2, 9, 17, 16)
+    assert torch.equal(attnext.attention(q, k, v, causal=True), attnext.attention(q, k, v, causal="top_left"))
+    assert not torch.equal(attnext.attention(q, k, v, causal=True),
+                           attnext.attention(q, k, v, causal="bottom_right"))
+
+
+def test_large_scores_are_stable(cpu_unit):
+    """Scores in the hundreds: the online softmax must neither overflow nor lose the small terms."""
+    q, k, v = make_qkv(1, 2, 1, 50, 70, 64)
+    got = check_attention(q * 8, k * 8, v, causal="bottom_right", dlse=True)
+    assert torch.isfinite(got["lse"]).all()
