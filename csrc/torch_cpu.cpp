@@ -102,6 +102,10 @@ int64_t cpu_isa() { return static_cast<int64_t>(cpu::active_isa()); }
 bool cpu_isa_compiled(int64_t isa) { return cpu::isa_compiled(to_isa(isa)); }
 bool cpu_isa_runnable(int64_t isa) { return cpu::isa_runnable(to_isa(isa)); }
 bool set_cpu_isa(int64_t isa) { return cpu::set_isa(to_isa(isa)); }
+double cpu_fma_peak(int64_t iters) {
+  check(iters > 0, "attnext.cpu_fma_peak: iters ", iters, " must be positive");
+  return cpu::fma_peak_gflops(iters);
+}
 
 }  // namespace
 }  // namespace attnext::binding
@@ -116,4 +120,5 @@ STABLE_TORCH_LIBRARY_IMPL(attnext, CompositeExplicitAutograd, m) {
   m.impl("cpu_isa_compiled", TORCH_BOX(&attnext::binding::cpu_isa_compiled));
   m.impl("cpu_isa_runnable", TORCH_BOX(&attnext::binding::cpu_isa_runnable));
   m.impl("set_cpu_isa", TORCH_BOX(&attnext::binding::set_cpu_isa));
+  m.impl("cpu_fma_peak", TORCH_BOX(&attnext::binding::cpu_fma_peak));
 }

@@ -19,6 +19,8 @@ STABLE_TORCH_LIBRARY(attnext, m) {
   m.def("cpu_isa_compiled(int isa) -> bool");
   m.def("cpu_isa_runnable(int isa) -> bool");
   m.def("set_cpu_isa(int isa) -> bool");
+  // GFLOP/s of a pure FMA loop of the active CPU unit on the calling thread: the per-core ceiling.
+  m.def("cpu_fma_peak(int iters) -> float");
 }
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -210,3 +210,9 @@ def test_import_does_not_touch_cuda():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_cpu_fma_peak_is_measured_and_checks_its_argument():
+    assert torch.ops.attnext.cpu_fma_peak(200000) > 0.0
+    with pytest.raises(RuntimeError, match=r"attnext\.cpu_fma_peak: iters 0 must be positive"):
+        torch.ops.attnext.cpu_fma_peak(0)

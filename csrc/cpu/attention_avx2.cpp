@@ -3,10 +3,12 @@
 #include "cpu/backward_impl.h"
 #include "cpu/cpu_attention.h"
 #include "cpu/forward_impl.h"
+#include "cpu/peak.h"
 
 namespace attnext::cpu::avx2 {
 
 Status forward(const FwdParams& p) { return forward_impl<VecAvx2>(p); }
 Status backward(const BwdParams& p) { return backward_impl<VecAvx2>(p); }
+double fma_peak(int64_t iters) { return fma_peak_impl<VecAvx2>(iters); }
 
 }  // namespace attnext::cpu::avx2

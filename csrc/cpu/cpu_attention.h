@@ -23,10 +23,12 @@ bool set_isa(Isa isa);
 Status forward(const FwdParams& p);
 Status backward(const BwdParams& p);
 int64_t backward_workspace_size(const FwdParams& p);  // floats
+// GFLOP/s of a pure FMA loop of the active unit on the calling thread (the per-core ceiling).
+double fma_peak_gflops(int64_t iters);
 
 // One entry pair per compiled unit.
-namespace scalar { Status forward(const FwdParams&); Status backward(const BwdParams&); }
-namespace avx2 { Status forward(const FwdParams&); Status backward(const BwdParams&); }
-namespace avx512 { Status forward(const FwdParams&); Status backward(const BwdParams&); }
+namespace scalar { Status forward(const FwdParams&); Status backward(const BwdParams&); double fma_peak(int64_t); }
+namespace avx2 { Status forward(const FwdParams&); Status backward(const BwdParams&); double fma_peak(int64_t); }
+namespace avx512 { Status forward(const FwdParams&); Status backward(const BwdParams&); double fma_peak(int64_t); }
 
 }  // namespace attnext::cpu

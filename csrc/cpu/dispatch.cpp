@@ -16,21 +16,23 @@ namespace {
 
 using FwdFn = Status (*)(const FwdParams&);
 using BwdFn = Status (*)(const BwdParams&);
+using PeakFn = double (*)(int64_t);
 
 struct Unit {
   FwdFn forward;
   BwdFn backward;
+  PeakFn fma_peak;
 };
 
 Unit unit_of(Isa isa) {
   switch (isa) {
 #if defined(ATTNEXT_HAVE_AVX512)
-    case Isa::kAvx512: return {avx512::forward, avx512::backward};
+    case Isa::kAvx512: return {avx512::forward, avx512::backward, avx512::fma_peak};
 #endif
 #if defined(ATTNEXT_HAVE_AVX2)
-    case Isa::kAvx2: return {avx2::forward, avx2::backward};
+    case Isa::kAvx2: return {avx2::forward, avx2::backward, avx2::fma_peak};
 #endif
-    default: return {scalar::forward, scalar::backward};
+    default: return {scalar::forward, scalar::backward, scalar::fma_peak};
   }
 }
 
@@ -131,5 +133,7 @@ Status backward(const BwdParams& p) {
 }
 
 int64_t backward_workspace_size(const FwdParams& p) { return backward_workspace_floats(p); }
+
+double fma_peak_gflops(int64_t iters) { return unit_of(active_isa()).fma_peak(iters); }
 
 }  // namespace attnext::cpu
