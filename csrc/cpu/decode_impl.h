@@ -65,23 +65,30 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t per_split = (n_tiles + L.n_split - 1) / L.n_split;
   const int64_t j_first = kv_begin + split * per_split * L.t.block_k;
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
-  const bool direct = std::is_same_v<T, float> && D == Dp && D % V::W == 0;  // fp32 rows read in place
+  const bool direct = std::is_same_v<T, float> && D == Dp;  // fp32 V rows read in place
   // With few rows, most lanes of Kj · Qᵀ would be padding: take one dot product per (key, row) instead.
   const bool dot_form = 4 * L.rows <= V::W;
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0);
     const T* kj = k + j0 * p.k_stride.s;
     const T* vj = v + j0 * p.v_stride.s;
+    // The stream from memory is the whole cost: request the next key tile while this one is computed.
+    const int64_t nk_next = std::min(L.t.block_k, j_last - j0 - nk);
+    prefetch_rows(kj + nk * p.k_stride.s, p.k_stride.s, nk_next, D);
+    prefetch_rows(vj + nk * p.v_stride.s, p.v_stride.s, nk_next, D);
 
     // Sᵀ = Kj · Qᵀ  (nk x R, base-2 logits)
-    const float* a = direct ? reinterpret_cast<const float*>(kj) : w.k_p.data();
-    const int64_t lda = direct ? p.k_stride.s : Dp;
-    if (!direct) pack_rows<V>(kj, p.k_stride.s, nk, D, 1.0f, w.k_p.data(), Dp);
-    if (dot_form) {
+    if (dot_form && D == Dp) {  // K rows widened in registers, straight from memory
       for (int64_t j = 0; j < nk; ++j)
-        for (int64_t r = 0; r < L.rows; ++r) w.s_t[j * R + r] = dot<V>(a + j * lda, w.q_r.data() + r * Dp, Dp);
+        for (int64_t r = 0; r < L.rows; ++r) w.s_t[j * R + r] = dot<V>(kj + j * p.k_stride.s, w.q_r.data() + r * Dp, Dp);
     } else {
-      gemm<V>(nk, R, D, a, lda, 1, w.q_t.data(), R, w.s_t.data(), R, false);
+      pack_rows<V>(kj, p.k_stride.s, nk, D, 1.0f, w.k_p.data(), Dp);
+      if (dot_form) {
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t r = 0; r < L.rows; ++r) w.s_t[j * R + r] = dot<V>(w.k_p.data() + j * Dp, w.q_r.data() + r * Dp, Dp);
+      } else {
+        gemm<V>(nk, R, D, w.k_p.data(), Dp, 1, w.q_t.data(), R, w.s_t.data(), R, false);
+      }
     }
     if (!tile_fully_visible(p.mask, 0, p.seq_q, j0, j0 + nk, p.seq_k)) mask_lanes(L, w.s_t.data(), j0, nk);
 
@@ -111,8 +118,8 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
 
     // acc += P · Vj  (P read transposed from Pᵀ)
-    const float* bv = direct && D == Dp ? reinterpret_cast<const float*>(vj) : w.v_p.data();
-    const int64_t ldb = direct && D == Dp ? p.v_stride.s : Dp;
+    const float* bv = direct ? reinterpret_cast<const float*>(vj) : w.v_p.data();
+    const int64_t ldb = direct ? p.v_stride.s : Dp;
     if (bv == w.v_p.data()) pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
     gemm<V>(L.rows, Dp, nk, w.s_t.data(), 1, R, bv, ldb, w.acc.data(), Dp, true);
   }

@@ -88,6 +88,15 @@ void unpack_rows(const float* src, int64_t ld, int64_t rows, int64_t cols, float
     for (int64_t c = 0; c < cols; ++c) Convert<V>::store(src[r * ld + c] * mul, dst + r * row_stride + c);
 }
 
+// Asks the caches for rows [0, rows) of a strided matrix ahead of their use (one request per 64-byte line).
+template <class T>
+inline void prefetch_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(src + r * row_stride);
+    for (int64_t byte = 0; byte < cols * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte);
+  }
+}
+
 // Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
 // broadcast from memory and B rows loaded as vectors. The accumulators stay in registers for all K.
 template <class V, int R, int NV>
@@ -142,11 +151,11 @@ inline void mask_row(float* s, int64_t j0, int64_t nk, int64_t nk_pad, int64_t k
   std::fill(s + nk, s + nk_pad, kNegInf);
 }
 
-// Σ_c x[c]·y[c] for n a multiple of V::W.
-template <class V>
-float dot(const float* x, const float* y, int64_t n) {
+// Σ_c x[c]·y[c] for n a multiple of V::W; x is widened to fp32 in registers.
+template <class V, class T>
+float dot(const T* x, const float* y, int64_t n) {
   typename V::T acc = V::zero();
-  for (int64_t c = 0; c < n; c += V::W) acc = V::fma(V::load(x + c), V::load(y + c), acc);
+  for (int64_t c = 0; c < n; c += V::W) acc = V::fma(load_float<V>(x + c), V::load(y + c), acc);
   return V::reduce_add(acc);
 }
 
