@@ -66,7 +66,8 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t j_first = kv_begin + split * per_split * L.t.block_k;
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
   const bool direct = std::is_same_v<T, float> && D == Dp;  // fp32 V rows read in place
-  // With few rows, most lanes of Kj · Qᵀ would be padding: take one dot product per (key, row) instead.
+  // With few rows (at most 4, a quarter of the lanes), most lanes of Kj · Qᵀ would be padding: take
+  // dot products along the head dim instead, one K row against all rows at once.
   const bool dot_form = 4 * L.rows <= V::W;
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0);
@@ -79,13 +80,11 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
 
     // Sᵀ = Kj · Qᵀ  (nk x R, base-2 logits)
     if (dot_form && D == Dp) {  // K rows widened in registers, straight from memory
-      for (int64_t j = 0; j < nk; ++j)
-        for (int64_t r = 0; r < L.rows; ++r) w.s_t[j * R + r] = dot<V>(kj + j * p.k_stride.s, w.q_r.data() + r * Dp, Dp);
+      for (int64_t j = 0; j < nk; ++j) dot_rows<V>(kj + j * p.k_stride.s, w.q_r.data(), Dp, L.rows, Dp, &w.s_t[j * R]);
     } else {
       pack_rows<V>(kj, p.k_stride.s, nk, D, 1.0f, w.k_p.data(), Dp);
       if (dot_form) {
-        for (int64_t j = 0; j < nk; ++j)
-          for (int64_t r = 0; r < L.rows; ++r) w.s_t[j * R + r] = dot<V>(w.k_p.data() + j * Dp, w.q_r.data() + r * Dp, Dp);
+        for (int64_t j = 0; j < nk; ++j) dot_rows<V>(w.k_p.data() + j * Dp, w.q_r.data(), Dp, L.rows, Dp, &w.s_t[j * R]);
       } else {
         gemm<V>(nk, R, D, w.k_p.data(), Dp, 1, w.q_t.data(), R, w.s_t.data(), R, false);
       }

@@ -151,12 +151,27 @@ inline void mask_row(float* s, int64_t j0, int64_t nk, int64_t nk_pad, int64_t k
   std::fill(s + nk, s + nk_pad, kNegInf);
 }
 
-// Σ_c x[c]·y[c] for n a multiple of V::W; x is widened to fp32 in registers.
+// out[r] = Σ_c x[c]·q[r·ldq + c] for r < Rows (n a multiple of V::W): x is loaded and widened once for all rows.
+template <class V, int Rows, class T>
+void dot_rows(const T* x, const float* q, int64_t ldq, int64_t n, float* out) {
+  typename V::T acc[Rows];
+  for (int r = 0; r < Rows; ++r) acc[r] = V::zero();
+  for (int64_t c = 0; c < n; c += V::W) {
+    const typename V::T xc = load_float<V>(x + c);
+    for (int r = 0; r < Rows; ++r) acc[r] = V::fma(xc, V::load(q + r * ldq + c), acc[r]);
+  }
+  for (int r = 0; r < Rows; ++r) out[r] = V::reduce_add(acc[r]);
+}
+
+// The same for 1 <= rows <= 4.
 template <class V, class T>
-float dot(const T* x, const float* y, int64_t n) {
-  typename V::T acc = V::zero();
-  for (int64_t c = 0; c < n; c += V::W) acc = V::fma(load_float<V>(x + c), V::load(y + c), acc);
-  return V::reduce_add(acc);
+void dot_rows(const T* x, const float* q, int64_t ldq, int rows, int64_t n, float* out) {
+  switch (rows) {
+    case 1: return dot_rows<V, 1>(x, q, ldq, n, out);
+    case 2: return dot_rows<V, 2>(x, q, ldq, n, out);
+    case 3: return dot_rows<V, 3>(x, q, ldq, n, out);
+    default: return dot_rows<V, 4>(x, q, ldq, n, out);
+  }
 }
 
 template <class V>
