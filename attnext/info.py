@@ -107,7 +107,7 @@ def self_test(devices):
     try:
         for device in devices:
             for dtype, causal in ((torch.float32, False), (torch.bfloat16, True)):
-                result = check_case(dtype, 1, 2, 97, 64, causal, "fwdbwd", torch.device(device))
+                result = check_case(dtype, 1, 2, 2, 97, 97, 64, causal, "fwdbwd", torch.device(device))
                 cases += 1
                 if not result["ok"]:
                     bad = {k: v for k, v in result["errors"].items() if not v["err"] <= v["tol"]}

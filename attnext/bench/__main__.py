@@ -2,18 +2,19 @@
 
 import argparse
 import datetime
-import os
 import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
 
 import attnext
 from attnext import _ops, info
-from attnext.bench import check, configs, memory, report, timing
+from attnext.bench import check, configs, cpu_suite, machine, memory, report, targets, timing
+from attnext.bench.console import Progress, log
 
 DESCRIPTION = ("Checks attnext against its reference on each benchmarked config (small sizes), then times it "
                "against torch.nn.functional.scaled_dot_product_attention in the same run; --memory measures "
@@ -22,7 +23,21 @@ EPILOG = """\
 suites:
   quick    {quick}
   anchors  {anchors}
+  cpu      {cpu}
   gpu      {gpu}
+
+--suite cpu runs the CPU acceptance targets on the CPU. Every row is timed against torch SDPA in the same
+run and gets a result (pass, FAIL, not judged, inconclusive), judged against ratios and against ceilings
+measured at the start of the run and printed in the header: the per-core FMA peak
+(torch.ops.attnext.cpu_fma_peak, best of 3 runs of ~0.3 s), the memory read bandwidth (x.sum() over
+256 MiB float32, median of 7) at each thread count, and how many cores' worth two threads get (the same
+FMA loop on 1 Python thread, then on 2 at once). The targets:
+{targets}
+  Run it with --threads 1,2 (the threads target needs both). --targets a,b picks targets; --dtypes,
+  --modes, --causal and --shapes filter their configs, and --decode-shapes "B,Hq,Hkv,Sq,Sk,D;..." does
+  for decode what --shapes does for the others. A config whose first torch call takes over 3 s is
+  timed 5 times (see the reps column). Sq = Sk and causal top-left except in decode (no mask). The
+  column "others" is the CPU time other processes used while a row was timed (/proc/stat), in cores.
 
 --shapes "B,H,S,D;...": concrete shapes replace the suite's; a field "*" matches any, so that
 "*,*,4096,*" keeps the suite's shapes with S=4096. Causal is top-left aligned (Sq == Sk here).
@@ -33,8 +48,13 @@ examples:
   python -m attnext.bench
   python -m attnext.bench --suite anchors --threads 1,2 --json benchmarks/results/cpu.json
   python -m attnext.bench --suite anchors --shapes "*,*,4096,*" --dtypes float32 --modes fwd
+  python -m attnext.bench --suite cpu --threads 1,2 --json benchmarks/results/cpu-targets.json \\
+      --markdown benchmarks/results/cpu-targets.md --plot benchmarks/results/cpu-targets.png
+  python -m attnext.bench --suite cpu --targets decode,threads --threads 1,2
   python -m attnext.bench --memory --memory-shape 1,8,4096,64
-""".format(**{name: suite[2] for name, suite in configs.SUITES.items()})
+""".format(**{name: suite[2] for name, suite in configs.SUITES.items()},
+           targets="\n".join(textwrap.fill(f"{t.name:<12} {t.text}", 104, initial_indent="  ",
+                                           subsequent_indent=" " * 15) for t in targets.TARGETS.values()))
 
 
 def parse_args(argv):
@@ -43,12 +63,15 @@ def parse_args(argv):
     p.add_argument("--suite", choices=list(configs.SUITES), default="quick", help="shape set (default: quick)")
     p.add_argument("--shapes", help='"B,H,S,D;..." to replace or filter the suite\'s shapes (see below)')
     p.add_argument("--device", help="cpu or cuda (default: cuda if a GPU and attnext's CUDA module are there)")
-    p.add_argument("--dtypes", help="comma-separated (default: float32,bfloat16; the gpu suite: bfloat16)")
+    p.add_argument("--dtypes", help="comma-separated (default: float32,bfloat16; the cpu suite: "
+                   "float32,bfloat16,float16; the gpu suite: bfloat16)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd (default: both)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="default: both")
     p.add_argument("--threads", default="1", help="torch threads, a list runs each: 1,2 (default: 1)")
     p.add_argument("--reps", type=int, default=9, help="timed runs per config, median reported (default: 9)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per config first (default: 2)")
+    p.add_argument("--targets", help="the cpu suite: comma-separated target names (default: all; see below)")
+    p.add_argument("--decode-shapes", help='the cpu suite: "B,Hq,Hkv,Sq,Sk,D;..." for decode, as --shapes')
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     p.add_argument("--memory", action="store_true",
                    help="measure extra peak memory of attnext and SDPA instead of timing")
@@ -69,6 +92,10 @@ def parse_args(argv):
         if None in args.memory_shape:
             raise ValueError("attnext.bench: --memory-shape takes integers only")
         configs.parse_list(args.memory_dtype, list(configs.DTYPES), "dtype")
+        if args.suite == "cpu":
+            cpu_suite.validate(args)
+        elif args.targets or args.decode_shapes:
+            raise ValueError("attnext.bench: --targets and --decode-shapes belong to --suite cpu")
     except ValueError as exc:
         p.error(str(exc).removeprefix("attnext.bench: "))
     if args.reps < 1 or args.warmup < 0:
@@ -103,56 +130,6 @@ def machine_info(device):
     return m
 
 
-def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-def _terminal_width():
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
-    except (OSError, ValueError):
-        return 0
-
-
-class Progress:
-    """A tqdm bar on a terminal when tqdm is installed, else one line per step on stderr."""
-
-    def __init__(self, total):
-        self.total, self.done, self.bar = total, 0, None
-        if _terminal_width() > 0:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, file=sys.stderr, unit="config", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def step(self, text, short):
-        """Logs `text`; a bar shows `short` only."""
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(short, refresh=False)
-            self.bar.update(1)
-        else:
-            log(f"[{self.done}/{self.total}] {text}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def result_row(cfg, device, threads, peer, a, t):
-    """One table row: attnext's and a peer's medians on `cfg`, with FLOP rates and the ratio."""
-    _, divisor = report.rate_unit(device.type)
-    flops = cfg.flops()
-    return dict(device=device.type, dtype=cfg.dtype_name, batch=cfg.batch, heads=cfg.heads, seqlen=cfg.seqlen,
-                head_dim=cfg.head_dim, causal=cfg.causal, mode=cfg.mode, threads=threads, peer=peer, flops=flops,
-                attnext_ms=a["median_ms"], peer_ms=t["median_ms"],
-                attnext_rate=flops / (a["median_ms"] * 1e-3) / divisor,
-                peer_rate=flops / (t["median_ms"] * 1e-3) / divisor,
-                ratio=t["median_ms"] / a["median_ms"], attnext_samples_ms=a["samples_ms"],
-                peer_samples_ms=t["samples_ms"])
-
-
 def run_timing(cfgs, args, device):
     """Times every config at every thread count; returns (result rows, peers skipped with their reasons)."""
     results, skipped = [], []
@@ -163,7 +140,7 @@ def run_timing(cfgs, args, device):
             for cfg in cfgs:
                 timings, missing = timing.measure(cfg, device, args.reps, args.warmup)
                 a = timings.pop("attnext")
-                results += [result_row(cfg, device, threads, peer, a, t) for peer, t in timings.items()]
+                results += [timing.result_row(cfg, device, threads, peer, a, t) for peer, t in timings.items()]
                 skipped += [dict(config=cfg.label(), threads=threads, peer=p, reason=r) for p, r in missing.items()]
                 ratios = ", ".join(f"{p} {t['median_ms'] / a['median_ms']:.2f}x" for p, t in timings.items())
                 progress.step(f"{cfg.label()}, {report.threads_text(threads)}: attnext {a['median_ms']:.2f} ms; "
@@ -220,17 +197,34 @@ def timing_mode(cfgs, args, device, record):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    device = pick_device(args.device)
-    machine = machine_info(device)
+    cpu_targets = args.suite == "cpu" and not args.memory
+    device = pick_device(args.device or ("cpu" if cpu_targets else None))
+    if cpu_targets and device.type != "cpu":
+        raise SystemExit(f"attnext.bench: --suite cpu runs on the CPU, not on --device {args.device}")
+    host = machine_info(device)
     command = "python -m attnext.bench " + " ".join(shlex.quote(a) for a in argv)
     start = time.perf_counter()
     record = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": command, "machine": machine, "device": str(device),
-              "versions": {k: machine[k] for k in ("torch", "torch_cuda", "python", "attnext")}}
-    header = report.header_lines(machine, device, command)
+              "command": command, "machine": host, "device": str(device),
+              "versions": {k: host[k] for k in ("torch", "torch_cuda", "python", "attnext")}}
+    header = report.header_lines(host, device, command)
+    if cpu_targets:
+        log("measuring the ceilings")
+        ceil = machine.ceilings(args.threads)
+        header += machine.ceiling_lines(ceil, host["cpu_unit"])
     print("\n".join(header), flush=True)
     if args.memory:
         body = memory_mode(args, device, record)
+    elif cpu_targets:
+        plan = cpu_suite.plan(args)
+        record.update(shapes=args.shape_list, decode_shapes=args.decode_shape_list, dtypes=args.dtypes,
+                      modes=args.modes)
+        if not args.skip_check and not check_mode(cpu_suite.all_configs(plan), args, device, record):
+            if args.json:
+                report.write_json(args.json, record)
+            log("attnext.bench: correctness check failed; nothing timed")
+            return 1
+        body = cpu_suite.run(plan, args, device, ceil, record)
     else:
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
         cfgs = configs.build_configs(args.shape_list, args.dtypes, args.modes, causals)
@@ -245,7 +239,8 @@ def main(argv=None):
     record["seconds"] = time.perf_counter() - start
     print("\n" + "\n".join(body), flush=True)
     if args.markdown:
-        lines = ["# attnext benchmark", ""] + [f"- {h}" for h in header] + [""] + body
+        title = "# attnext CPU targets" if cpu_targets else "# attnext benchmark"
+        lines = [title, ""] + [f"- {h}" for h in header] + [""] + body
         report.write_text(args.markdown, "\n".join(lines))
     if args.json:
         report.write_json(args.json, record)

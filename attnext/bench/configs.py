@@ -25,6 +25,11 @@ SUITES = {
         ("float32", "bfloat16"),
         "the CPU table of anchors.md: B=1, H=8192/S, S in 512..4096, D in {64, 128}",
     ),
+    "cpu": (
+        [(1, 8192 // s, s, d) for d in (32, 64, 128, 256) for s in (512, 1024, 2048, 4096)],
+        ("float32", "bfloat16", "float16"),
+        "the CPU acceptance targets (below): the anchors shapes with D in {32, 64, 128, 256}; decode",
+    ),
     "gpu": (
         [(16384 // s, 2048 // d, s, d) for d in (64, 128, 256) for s in (512, 1024, 2048, 4096, 8192, 16384)],
         ("bfloat16",),
@@ -53,6 +58,8 @@ class Config:
     def shape(self):
         return (self.batch, self.heads, self.seqlen, self.head_dim)
 
+    q_shape = kv_shape = shape
+
     def label(self):
         causal = "causal" if self.causal else "full"
         return f"{self.dtype_name} {self.batch}x{self.heads}x{self.seqlen}x{self.head_dim} {causal} {self.mode}"
@@ -60,6 +67,48 @@ class Config:
     def flops(self):
         return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal,
                                self.mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """A decode step: a few query tokens against a long K/V cache, Hq query heads on Hkv K/V heads, no mask."""
+
+    dtype: torch.dtype
+    batch: int
+    heads: int
+    heads_kv: int
+    seq_q: int
+    seq_k: int
+    head_dim: int
+    causal = False
+    mode = "fwd"
+
+    @property
+    def dtype_name(self):
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def seqlen(self):  # the query length, as Config.seqlen is in the timing rows
+        return self.seq_q
+
+    @property
+    def q_shape(self):
+        return (self.batch, self.heads, self.seq_q, self.head_dim)
+
+    @property
+    def kv_shape(self):
+        return (self.batch, self.heads_kv, self.seq_k, self.head_dim)
+
+    def label(self):
+        return (f"{self.dtype_name} decode {self.batch}x{self.heads}/{self.heads_kv}x{self.seq_q}/{self.seq_k}"
+                f"x{self.head_dim}")
+
+    def flops(self):
+        return attention_flops(self.batch, self.heads, self.seq_q, self.seq_k, self.head_dim, False, "fwd")
+
+    def kv_bytes(self):
+        """Bytes of K and V: what a decode step must read at least."""
+        return 2 * self.batch * self.heads_kv * self.seq_k * self.head_dim * self.dtype.itemsize
 
 
 def visible_pairs(seq_q, seq_k, causal):
@@ -102,35 +151,35 @@ def parse_ints(text, what):
     return list(dict.fromkeys(values))
 
 
-def parse_shape(text):
-    """"B,H,S,D" with each field an integer or "*" (any); returns a 4-tuple of int or None."""
+def parse_shape(text, names="B,H,S,D"):
+    """"B,H,S,D" (or the fields `names`) each an integer or "*" (any); returns a tuple of int or None."""
     fields = [f.strip() for f in text.split(",")]
-    if len(fields) != 4:
-        raise ValueError(f"attnext.bench: shape {text!r} is not B,H,S,D")
+    if len(fields) != len(names.split(",")):
+        raise ValueError(f"attnext.bench: shape {text!r} is not {names}")
     try:
         shape = tuple(None if f == "*" else int(f) for f in fields)
     except ValueError:
-        raise ValueError(f"attnext.bench: shape {text!r} is not B,H,S,D (integers, or * for any)") from None
+        raise ValueError(f"attnext.bench: shape {text!r} is not {names} (integers, or * for any)") from None
     if any(x is not None and x <= 0 for x in shape):
         raise ValueError(f"attnext.bench: shape {text!r} has a size <= 0")
     return shape
 
 
-def select_shapes(spec, suite_shapes):
+def select_shapes(spec, suite_shapes, names="B,H,S,D", option="--shapes"):
     """--shapes "B,H,S,D;...": concrete entries replace the suite's shapes, entries with "*" pick from them.
 
     E.g. "1,4,2048,64" runs that one shape; "*,*,4096,*" keeps the suite's shapes with S = 4096.
     """
     if not spec:
         return list(suite_shapes)
-    patterns = [parse_shape(part) for part in spec.split(";") if part.strip()]
+    patterns = [parse_shape(part, names) for part in spec.split(";") if part.strip()]
     chosen = [p for p in patterns if None not in p]
     for pattern in (p for p in patterns if None in p):
         for shape in suite_shapes:
             if all(want is None or want == got for want, got in zip(pattern, shape)) and shape not in chosen:
                 chosen.append(shape)
     if not chosen:
-        raise ValueError(f"attnext.bench: --shapes {spec!r} selects no shape (suite shapes: {suite_shapes})")
+        raise ValueError(f"attnext.bench: {option} {spec!r} selects no shape (suite shapes: {suite_shapes})")
     return chosen
 
 

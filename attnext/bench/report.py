@@ -30,7 +30,7 @@ def header_lines(machine, device, args_text):
     return lines
 
 
-def _table(columns, rows):
+def table(columns, rows):
     """A markdown table with columns padded to a common width."""
     widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(str(c))
               for i, c in enumerate(columns)]
@@ -59,7 +59,7 @@ def timing_table(results, device_type):
              "yes" if r["causal"] else "no", r["mode"], r["threads"], r["peer"], f"{r['attnext_ms']:.2f}",
              f"{r['peer_ms']:.2f}", f"{r['attnext_rate']:.1f}", f"{r['peer_rate']:.1f}", f"{r['ratio']:.2f}"]
             for r in results]
-    return _table(columns, rows)
+    return table(columns, rows)
 
 
 def memory_table(rows):
@@ -68,7 +68,7 @@ def memory_table(rows):
     body = [[r["device"], r["dtype"], *r["shape"], "yes" if r["causal"] else "no", r["mode"], r["threads"],
              f"{r['attnext_extra_bytes'] / MIB:.1f}", f"{r['sdpa_extra_bytes'] / MIB:.1f}", f"{r['ratio']:.2f}"]
             for r in rows]
-    return _table(columns, body)
+    return table(columns, body)
 
 
 def summary_lines(results):

@@ -1,0 +1,110 @@
+"""The CPU acceptance targets of `--suite cpu`: which configs each one times, and its verdict per row.
+
+Every target is judged on rows measured in the same run: attnext against torch SDPA (A/B interleaved,
+medians), against the ceilings of bench.machine, or attnext at 1 thread against 2 threads.
+"""
+
+import dataclasses
+
+from attnext.bench import configs
+
+DECODE_SHAPES = [(1, 32, hkv, sq, sk, 128) for hkv in (32, 8) for sk in (1024, 8192, 32768) for sq in (1, 4)]
+DECODE_FIELDS = "B,Hq,Hkv,Sq,Sk,D"
+THREADS_SEQLEN = 4096
+THREADS_MIN_CORES = 1.8  # the probe's cores' worth from which 2 threads are expected to give the speedup
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    text: str  # the criterion, in words
+    dtypes: tuple
+    modes: tuple
+    causal: bool = False
+    max_seqlen: int = None  # only shapes with S <= this are timed
+    judged_from: int = 0  # rows with S < this are timed and shown, not judged
+    min_ratio: float = None  # peer ms / attnext ms
+    min_peak: float = None  # attnext GFLOP/s per thread / per-core FMA peak
+    min_bandwidth: float = None  # KV bytes per second / memory read bandwidth at the same thread count
+    min_speedup: float = None  # attnext at 1 thread / at 2 threads
+
+
+TARGETS = {t.name: t for t in [
+    Target("fwd-fp32", "fp32 forward: >= 1.2x torch for S >= 1024, and >= 75% of the per-core FMA peak "
+           "(GFLOP/s per thread)", ("fp32",), ("fwd",), judged_from=1024, min_ratio=1.2, min_peak=0.75),
+    Target("causal-fwd", "causal forward at S <= 1024: >= 1.6x torch", ("fp32", "bf16", "fp16"), ("fwd",),
+           causal=True, max_seqlen=1024, min_ratio=1.6),
+    Target("fwdbwd-fp32", "fp32 forward+backward: >= 1.2x torch", ("fp32",), ("fwdbwd",), min_ratio=1.2),
+    Target("fwd-lowp", "bf16 and fp16 forward: >= 1.2x torch", ("bf16", "fp16"), ("fwd",), min_ratio=1.2),
+    Target("fwdbwd-lowp", "bf16 and fp16 forward+backward: >= 4x torch", ("bf16", "fp16"), ("fwdbwd",),
+           min_ratio=4.0),
+    Target("decode", "decode (Sq 1 and 4, Sk 1k..32k, 32 query heads on 32 or 8 KV heads, D=128, no mask): "
+           "KV bytes read per second >= 80% of the memory read bandwidth at the same thread count",
+           ("fp32", "bf16"), ("fwd",), min_bandwidth=0.8),
+    Target("threads", f"S = {THREADS_SEQLEN}: attnext at 2 threads >= 1.8x faster than at 1, when the probe "
+           f"finds >= {THREADS_MIN_CORES} cores' worth", ("fp32",), ("fwd", "fwdbwd"), min_speedup=1.8),
+]}
+
+
+def select(spec):
+    """--targets "a,b": the named targets, in the table's order (all when `spec` is empty)."""
+    if not spec:
+        return list(TARGETS.values())
+    names = configs.parse_list(spec, list(TARGETS), "target")
+    return [t for t in TARGETS.values() if t.name in names]
+
+
+def build(target, shapes, decode_shapes, dtypes, modes, causals):
+    """The configs of `target` within the run's filters (dtypes as short names: fp32, bf16, fp16)."""
+    kept_dtypes = [d for d in target.dtypes if d in dtypes]
+    kept_modes = [m for m in target.modes if m in modes]
+    if target.causal not in causals:
+        return []
+    if target.name == "decode":
+        return [configs.DecodeConfig(configs.DTYPES[d], *shape) for d in kept_dtypes for shape in decode_shapes
+                if "fwd" in kept_modes]
+    if target.name == "threads":
+        shapes = [s for s in shapes if s[2] == THREADS_SEQLEN]
+    if target.max_seqlen is not None:
+        shapes = [s for s in shapes if s[2] <= target.max_seqlen]
+    return configs.build_configs(shapes, kept_dtypes, kept_modes, [target.causal])
+
+
+def verdict(target, row):
+    """("pass" | "FAIL" | "not judged" | "inconclusive", reason) of one row against `target`.
+
+    A row timed while other processes took CPU time (row["disturbed"]) keeps its verdict with a note, except
+    a failed speedup, which is then inconclusive: the two cores it needs were not there.
+    """
+    busy = f"others used {row['other_load']:.2f} cores" if row.get("disturbed") else ""
+    if target.judged_from and row["seqlen"] < target.judged_from:
+        return "not judged", f"S < {target.judged_from}"
+    if target.min_speedup is not None:
+        if row["speedup"] >= target.min_speedup:
+            return "pass", busy
+        if row["cores_worth"] < THREADS_MIN_CORES or busy:
+            return "inconclusive", busy or f"probe: {row['cores_worth']:.2f} cores' worth"
+        return "FAIL", f"speedup {row['speedup']:.2f} < {target.min_speedup}"
+    failed = []
+    if target.min_ratio is not None and not row["ratio"] >= target.min_ratio:
+        failed.append(f"ratio < {target.min_ratio}")
+    if target.min_peak is not None and not row["peak_fraction"] >= target.min_peak:
+        failed.append(f"< {target.min_peak:.0%} of peak")
+    if target.min_bandwidth is not None and not row["bandwidth_fraction"] >= target.min_bandwidth:
+        failed.append(f"< {target.min_bandwidth:.0%} of bandwidth")
+    return ("FAIL" if failed else "pass"), ", ".join(failed + ([busy] if busy else []))
+
+
+def add_ceiling_fields(row, cfg, ceil):
+    """Adds to a timing row what its target needs from the ceilings: % of FMA peak, or KV GB/s."""
+    if isinstance(cfg, configs.DecodeConfig):
+        kv = cfg.kv_bytes()
+        bandwidth = ceil["bandwidth_gbs"].get(row["threads"])
+        row.update(heads_kv=cfg.heads_kv, seq_q=cfg.seq_q, seq_k=cfg.seq_k, kv_bytes=kv,
+                   attnext_kv_gbs=kv / (row["attnext_ms"] * 1e-3) / 1e9,
+                   peer_kv_gbs=kv / (row["peer_ms"] * 1e-3) / 1e9)
+        row["bandwidth_fraction"] = row["attnext_kv_gbs"] / bandwidth if bandwidth else float("nan")
+    else:
+        row["peak_fraction"] = row["attnext_rate"] / row["threads"] / ceil["fma_peak_gflops"]
+    return row
+
