@@ -46,13 +46,18 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
 
-  // Qᵀ · scale · log2 e, lanes = the group's query rows (padding lanes are zero and never read back).
-  std::fill(w.q_t.begin(), w.q_t.end(), 0.0f);
+  // With few rows (at most 4, a quarter of the lanes), most lanes of Kj · Qᵀ would be padding: take
+  // dot products along the head dim instead, one K row against all rows at once.
+  const bool dot_form = 4 * L.rows <= V::W;
+
+  // Q · scale · log2 e: row-major for the dot products, else Qᵀ with the group's query rows as lanes
+  // (padding lanes are zero and never read back).
+  if (!dot_form) std::fill(w.q_t.begin(), w.q_t.end(), 0.0f);
   for (int64_t r = 0; r < L.rows; ++r) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
-    for (int64_t d = 0; d < D; ++d) w.q_t[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
-    pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q_r.data() + r * Dp, Dp);
+    if (dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q_r.data() + r * Dp, Dp);
+    else for (int64_t d = 0; d < D; ++d) w.q_t[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
@@ -66,9 +71,6 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t j_first = kv_begin + split * per_split * L.t.block_k;
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
   const bool direct = std::is_same_v<T, float> && D == Dp;  // fp32 V rows read in place
-  // With few rows (at most 4, a quarter of the lanes), most lanes of Kj · Qᵀ would be padding: take
-  // dot products along the head dim instead, one K row against all rows at once.
-  const bool dot_form = 4 * L.rows <= V::W;
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0);
     const T* kj = k + j0 * p.k_stride.s;
@@ -119,7 +121,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     // acc += P · Vj  (P read transposed from Pᵀ)
     const float* bv = direct ? reinterpret_cast<const float*>(vj) : w.v_p.data();
     const int64_t ldb = direct ? p.v_stride.s : Dp;
-    if (bv == w.v_p.data()) pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
+    if (!direct) pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
     gemm<V>(L.rows, Dp, nk, w.s_t.data(), 1, R, bv, ldb, w.acc.data(), Dp, true);
   }
   std::copy_n(w.acc.data(), L.rows * Dp, part);
