@@ -74,7 +74,7 @@ def cuda_plan():
     sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
     if torch.version.cuda is None:
         reason = f"torch {torch.__version__} is a CPU-only build"
-    elif cpp_extension.CUDA_HOME is None or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+    elif cpp_extension.CUDA_HOME is None or (shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME")):
         reason = "nvcc not found (set CUDA_HOME)"
     elif not sources:
         reason = "no CUDA sources in csrc/cuda yet"
