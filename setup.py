@@ -19,6 +19,23 @@ import tempfile
 
 from setuptools import find_packages, setup
 
+
+
+def _cuda_home_with_runtime():
+    """Sets CUDA_HOME, when unset, to a toolkit root that holds the CUDA runtime library: torch guesses the
+    parent of nvcc's folder, which is wrong where nvcc is installed outside the toolkit (/usr/local/bin)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    for root in candidates:
+        if any(os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib")):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_cuda_home_with_runtime()
+
 try:
     import torch
     from torch.utils import cpp_extension
@@ -28,6 +45,7 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TORCH_TARGET = "0x020a000000000000"  # stable ABI of torch 2.10: the oldest runtime the build supports
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 CXX_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra"]
 ISA_FLAGS = {
     "scalar": [],
@@ -132,7 +150,8 @@ def write_build_info(units, skipped, cuda, cuda_reason):
         f.write(f"CPU_UNITS_SKIPPED = {skipped!r}\n")
         f.write(f"CUDA_BUILT = {cuda!r}\n")
         f.write(f"CUDA_REASON = {cuda_reason!r}\n")
-        f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if cuda else ''!r}\n")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS) if cuda else ""
+        f.write(f"CUDA_ARCH_LIST = {archs!r}\n")
 
 
 def extensions():
@@ -146,16 +165,40 @@ def extensions():
     log(f"CUDA module attnext._C_cuda: {'built' if cuda else 'not built'} ({cuda_reason})")
     write_build_info(units, skipped, cuda, cuda_reason)
     defines = [("TORCH_TARGET_VERSION", TORCH_TARGET)]
-    return [
+    includes = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    modules = [
         cpp_extension.CppExtension(
             "attnext._C",
             sources=["csrc/torch_ops.cpp", "csrc/torch_cpu.cpp"],
-            include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
+            include_dirs=includes,
             define_macros=defines,
             extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden"]},
             py_limited_api=True,
         )
     ]
+    if cuda:
+        modules.append(cuda_extension(includes, defines))
+    return modules
+
+
+def cuda_extension(includes, defines):
+    """attnext._C_cuda: the binding (host compiler, USE_CUDA for the stream shim) and one nvcc unit per
+    head-dim bucket. TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0a (A100 and H100 machine code)."""
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    sources = ["csrc/torch_cuda.cpp"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(
+        os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    if os.environ.get("ATTNEXT_PTXAS_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")
+    log(f"  CUDA archs: {os.environ['TORCH_CUDA_ARCH_LIST']}; {len(sources) - 1} nvcc units")
+    return cpp_extension.CUDAExtension(
+        "attnext._C_cuda",
+        sources=sources,
+        include_dirs=includes,
+        define_macros=defines + [("USE_CUDA", None)],
+        extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden"], "nvcc": nvcc},
+        py_limited_api=True,
+    )
 
 
 setup(

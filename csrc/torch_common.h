@@ -8,6 +8,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -124,6 +125,42 @@ inline FwdParams forward_params(const char* op, const Tensor& q, const Tensor& k
   p.scale = static_cast<float>(scale);
   p.mask = make_mask(to_mask_kind(op, mask_kind), vq.seq, vk.seq, window_left, window_right);
   return p;
+}
+
+// The backward's checks of out, grad_out, lse and dlse against the forward's params p (from
+// forward_params); fills bp except the gradients' pointers and the workspace. device names the kernel's
+// device in messages ("CPU" or "CUDA"); every tensor must be on q's device.
+inline void backward_params(BwdParams& bp, const char* op, const char* device, const Tensor& dout, const Tensor& q,
+                            const Tensor& out, const Tensor& lse, const std::optional<Tensor>& dlse, bool bshd) {
+  const FwdParams& p = bp.fwd;
+  const View4 vo = view4(op, "out", out, bshd), vd = view4(op, "grad_out", dout, bshd);
+  check(vo.batch == p.batch && vo.heads == p.heads_q && vo.seq == p.seq_q && vo.dim == p.head_dim &&
+            vd.batch == p.batch && vd.heads == p.heads_q && vd.seq == p.seq_q && vd.dim == p.head_dim,
+        op, ": out ", shape_string(out), " and grad_out ", shape_string(dout), " must have q's shape ",
+        shape_string(q));
+  check(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), op,
+        ": out and grad_out must have q's dtype ", dtype_name(q.scalar_type()), ", got ",
+        dtype_name(out.scalar_type()), " and ", dtype_name(dout.scalar_type()));
+  auto same_device = [&](const Tensor& t) { return t.is_cuda() == q.is_cuda() && t.get_device() == q.get_device(); };
+  check(same_device(out) && same_device(dout) && same_device(lse), op, ": out, grad_out and lse must be ", device,
+        " tensors on q's device");
+  check(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == p.batch &&
+            lse.size(1) == p.heads_q && lse.size(2) == p.seq_q && lse.is_contiguous(),
+        op, ": lse must be a contiguous float32 tensor of shape (", p.batch, ", ", p.heads_q, ", ", p.seq_q,
+        "), got ", dtype_name(lse.scalar_type()), " ", shape_string(lse));
+  bp.fwd.out = const_cast<void*>(out.const_data_ptr());
+  bp.fwd.out_stride = vo.stride;
+  bp.fwd.lse = static_cast<float*>(const_cast<void*>(lse.const_data_ptr()));
+  if (dlse.has_value()) {
+    check(dlse->scalar_type() == ScalarType::Float && same_device(*dlse) && dlse->dim() == 3 &&
+              dlse->size(0) == p.batch && dlse->size(1) == p.heads_q && dlse->size(2) == p.seq_q &&
+              dlse->is_contiguous(),
+          op, ": dlse must be a contiguous float32 ", device, " tensor shaped like lse, got ",
+          dtype_name(dlse->scalar_type()), " ", shape_string(*dlse));
+    bp.dlse = static_cast<const float*>(dlse->const_data_ptr());
+  }
+  bp.dout = dout.const_data_ptr();
+  bp.dout_stride = vd.stride;
 }
 
 // A contiguous tensor shaped like t (same layout order), on t's device.

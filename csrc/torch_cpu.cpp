@@ -50,32 +50,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(Tensor dout, Tensor q, Tensor k, Tens
   BwdParams bp;
   bp.fwd = cpu_params(kBwdOp, q, k, v, scale, mask_kind, wl, wr, bshd);
   const FwdParams& p = bp.fwd;
-  const View4 vo = view4(kBwdOp, "out", out, bshd), vd = view4(kBwdOp, "grad_out", dout, bshd);
-  check(vo.batch == p.batch && vo.heads == p.heads_q && vo.seq == p.seq_q && vo.dim == p.head_dim &&
-            vd.batch == p.batch && vd.heads == p.heads_q && vd.seq == p.seq_q && vd.dim == p.head_dim,
-        kBwdOp, ": out ", shape_string(out), " and grad_out ", shape_string(dout), " must have q's shape ",
-        shape_string(q));
-  check(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), kBwdOp,
-        ": out and grad_out must have q's dtype ", dtype_name(q.scalar_type()), ", got ",
-        dtype_name(out.scalar_type()), " and ", dtype_name(dout.scalar_type()));
-  check(out.is_cpu() && dout.is_cpu() && lse.is_cpu(), kBwdOp, ": out, grad_out and lse must be CPU tensors");
-  check(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == p.batch &&
-            lse.size(1) == p.heads_q && lse.size(2) == p.seq_q && lse.is_contiguous(),
-        kBwdOp, ": lse must be a contiguous float32 tensor of shape (", p.batch, ", ", p.heads_q, ", ", p.seq_q,
-        "), got ", dtype_name(lse.scalar_type()), " ", shape_string(lse));
-  bp.fwd.out = const_cast<void*>(out.const_data_ptr());
-  bp.fwd.out_stride = vo.stride;
-  bp.fwd.lse = static_cast<float*>(const_cast<void*>(lse.const_data_ptr()));
-  if (dlse.has_value()) {
-    check(dlse->scalar_type() == ScalarType::Float && dlse->is_cpu() && dlse->dim() == 3 &&
-              dlse->size(0) == p.batch && dlse->size(1) == p.heads_q && dlse->size(2) == p.seq_q &&
-              dlse->is_contiguous(),
-          kBwdOp, ": dlse must be a contiguous float32 CPU tensor shaped like lse, got ",
-          dtype_name(dlse->scalar_type()), " ", shape_string(*dlse));
-    bp.dlse = static_cast<const float*>(dlse->const_data_ptr());
-  }
-  bp.dout = dout.const_data_ptr();
-  bp.dout_stride = vd.stride;
+  backward_params(bp, kBwdOp, "CPU", dout, q, out, lse, dlse, bshd);
 
   Tensor dq = empty_like_contiguous(q), dk = empty_like_contiguous(k), dv = empty_like_contiguous(v);
   bp.dq = dq.mutable_data_ptr();

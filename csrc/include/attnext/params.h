@@ -17,6 +17,8 @@ enum class Status : int32_t {
   kBadShape,
   kBadStride,
   kWorkspaceTooSmall,
+  kSharedMemoryTooSmall,
+  kCudaError,
 };
 
 inline const char* status_string(Status s) {
@@ -27,6 +29,8 @@ inline const char* status_string(Status s) {
     case Status::kBadShape: return "bad shape";
     case Status::kBadStride: return "bad stride (last dim must be contiguous)";
     case Status::kWorkspaceTooSmall: return "workspace too small";
+    case Status::kSharedMemoryTooSmall: return "the kernel needs more shared memory per block than this GPU offers";
+    case Status::kCudaError: return "CUDA error";
   }
   return "unknown status";
 }

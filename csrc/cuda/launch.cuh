@@ -1,0 +1,102 @@
+// Host-side launch of the Ampere+ kernels for one (dtype, head-dim bucket): the tile configuration of
+// each bucket, the shared-memory opt-in, the grids. Instantiated once per bucket by attention_d<D>.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "attnext/params.h"
+#include "cuda/bwd_dq_kernel.cuh"
+#include "cuda/bwd_kernel.cuh"
+#include "cuda/fwd_kernel.cuh"
+
+namespace attnext::cuda {
+
+// Tile configurations by head-dim bucket. Forward: 128 query rows (4 warps of 32) up to D = 128, 64 above,
+// always 64 keys per step. Backward: 64 keys x 64 queries with dKj/dVj split over 2 warps along D, fewer
+// queries (D = 192) or keys (D = 256) where registers and shared memory run short.
+template <class T, int kD>
+struct Tiles {
+  using Fwd = FwdConfig<T, kD, (kD <= 128 ? 128 : 64), (kD == 96 || kD == 128 ? 32 : 64), 4>;
+  using Bwd = BwdConfig<T, kD, (kD == 192 ? 32 : 64), (kD == 256 ? 32 : 64), (kD == 32 ? 1 : kD == 256 ? 4 : 2)>;
+  using BwdDq = BwdDqConfig<T, kD, (kD <= 128 ? 64 : 32)>;
+};
+
+void set_last_error(const std::string& message);
+
+inline Status cuda_status(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::kOk;
+  set_last_error(std::string(what) + ": " + cudaGetErrorString(err));
+  return Status::kCudaError;
+}
+
+// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB.
+template <class Kernel>
+Status allow_shared_memory(Kernel kernel, int bytes) {
+  int device = 0, optin = 0;
+  Status s = cuda_status(cudaGetDevice(&device), "cudaGetDevice");
+  if (s != Status::kOk) return s;
+  s = cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "cudaDeviceGetAttribute");
+  if (s != Status::kOk) return s;
+  if (bytes > optin) return Status::kSharedMemoryTooSmall;
+  if (bytes <= 48 * 1024) return Status::kOk;
+  return cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+                     "cudaFuncSetAttribute");
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <class T, int kD>
+Status launch_forward(const FwdParams& p, cudaStream_t stream) {
+  using C = typename Tiles<T, kD>::Fwd;
+  if (p.batch * p.heads_q * p.seq_q == 0) return Status::kOk;
+  Status s = allow_shared_memory(fwd_kernel<C>, C::kSmemBytes);
+  if (s != Status::kOk) return s;
+  const dim3 grid(unsigned(ceil_div(p.seq_q, C::kBlockM)), unsigned(p.heads_q), unsigned(p.batch));
+  fwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
+  return cuda_status(cudaGetLastError(), "attnext forward kernel launch");
+}
+
+template <class T, int kD>
+Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+  using C = typename Tiles<T, kD>::Bwd;
+  using Cdq = typename Tiles<T, kD>::BwdDq;
+  const FwdParams& f = p.fwd;
+  if (f.batch * f.heads_q * f.seq_q == 0 && f.batch * f.heads_kv * f.seq_k == 0) return Status::kOk;
+  BwdWork w;
+  w.delta = p.workspace;
+  w.dq_accum = deterministic ? nullptr : p.workspace + f.batch * f.heads_q * f.seq_q;
+  Status s = allow_shared_memory(bwd_kernel<C>, C::kSmemBytes);
+  if (s == Status::kOk && deterministic) s = allow_shared_memory(bwd_dq_kernel<Cdq>, Cdq::kSmemBytes);
+  if (s != Status::kOk) return s;
+
+  const dim3 rows_grid(unsigned(ceil_div(f.seq_q, kPreprocessRows)), unsigned(f.heads_q), unsigned(f.batch));
+  if (f.batch * f.heads_q * f.seq_q > 0) {
+    bwd_preprocess_kernel<T><<<rows_grid, 128, 0, stream>>>(p, w);
+    if ((s = cuda_status(cudaGetLastError(), "attnext backward preprocess launch")) != Status::kOk) return s;
+  }
+  if (f.batch * f.heads_kv * f.seq_k > 0) {
+    const dim3 grid(unsigned(ceil_div(f.seq_k, C::kBlockN)), unsigned(f.heads_kv), unsigned(f.batch));
+    bwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, w);
+    if ((s = cuda_status(cudaGetLastError(), "attnext backward kernel launch")) != Status::kOk) return s;
+  }
+  if (f.batch * f.heads_q * f.seq_q == 0) return Status::kOk;
+  if (deterministic) {
+    const dim3 grid(unsigned(ceil_div(f.seq_q, Cdq::kBlockM)), unsigned(f.heads_q), unsigned(f.batch));
+    bwd_dq_kernel<Cdq><<<grid, Cdq::kThreads, Cdq::kSmemBytes, stream>>>(p, w);
+    return cuda_status(cudaGetLastError(), "attnext backward dQ kernel launch");
+  }
+  bwd_convert_dq_kernel<T><<<rows_grid, 128, 0, stream>>>(p, w);
+  return cuda_status(cudaGetLastError(), "attnext backward dQ convert launch");
+}
+
+// One translation unit per head-dim bucket instantiates both dtypes.
+#define ATTNEXT_INSTANTIATE_BUCKET(D)                                                                 \
+  template Status launch_forward<__half, D>(const FwdParams&, cudaStream_t);                          \
+  template Status launch_forward<__nv_bfloat16, D>(const FwdParams&, cudaStream_t);                   \
+  template Status launch_backward<__half, D>(const BwdParams&, bool, cudaStream_t);                   \
+  template Status launch_backward<__nv_bfloat16, D>(const BwdParams&, bool, cudaStream_t);
+
+}  // namespace attnext::cuda
