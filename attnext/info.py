@@ -86,15 +86,54 @@ def runtime_info():
     }
 
 
+def cuda_module_archs():
+    """The GPU code in attnext's CUDA module, read from the file without loading it: {"path", "sass", "ptx"},
+    or {"path": None, ...} where the module was not built."""
+    import importlib.util
+
+    from attnext import _fatbin
+
+    try:
+        spec = importlib.util.find_spec("attnext._C_cuda")
+    except ImportError:  # attnext itself cannot be imported
+        spec = None
+    if spec is None or not spec.origin:
+        return {"path": None, "sass": [], "ptx": []}
+    try:
+        return {"path": spec.origin, **_fatbin.archs(spec.origin)}
+    except OSError as exc:
+        return {"path": spec.origin, "sass": [], "ptx": [], "error": str(exc)}
+
+
+def _device_info(i, module):
+    from attnext import _fatbin
+
+    p = torch.cuda.get_device_properties(i)
+    d = {"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+         "memory_gib": round(p.total_memory / 2**30, 1), "multiprocessors": p.multi_processor_count}
+    for key, attr in (("l2_cache_mib", "L2_cache_size"), ("shared_memory_per_block_optin_kib",
+                                                           "shared_memory_per_block_optin"),
+                      ("shared_memory_per_sm_kib", "shared_memory_per_multiprocessor")):
+        value = getattr(p, attr, None)
+        d[key] = None if value is None else round(value / (2**20 if key.endswith("mib") else 2**10), 1)
+    d["registers_per_sm"] = getattr(p, "regs_per_multiprocessor", None)
+    d["clock_mhz"] = getattr(p, "clock_rate", None) and round(p.clock_rate / 1000)
+    if module["path"] is not None:
+        d["attnext_code"] = _fatbin.runs_on(module, p.major, p.minor)
+    return d
+
+
 def gpu_info():
-    """torch's CUDA build and the visible GPUs (queried only here, never at import)."""
-    info = {"torch_cuda": torch.version.cuda, "available": torch.cuda.is_available(), "devices": []}
+    """torch's CUDA build, the visible GPUs and their properties, and the GPU code in attnext's CUDA module
+    (CUDA is queried only here, never at import)."""
+    module = cuda_module_archs()
+    info = {"torch_cuda": torch.version.cuda, "available": torch.cuda.is_available(), "devices": [],
+            "cudnn": None, "torch_arch_list": [], "attnext_cuda_module": module}
     if info["available"]:
+        info["torch_arch_list"] = torch.cuda.get_arch_list()
+        info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            info["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-                                    "memory_gib": round(p.total_memory / 2**30, 1),
-                                    "multiprocessors": p.multi_processor_count})
+            info["devices"].append(_device_info(i, module))
     return info
 
 
@@ -185,9 +224,20 @@ def format_text(info):
     lines += ["", "GPU:"]
     lines.append(f"  torch CUDA: {g['torch_cuda'] or 'none (CPU-only torch)'}; "
                  f"torch.cuda.is_available(): {_yes_no(g['available'])}")
+    module = g["attnext_cuda_module"]
+    if module["path"] is not None:
+        code = ", ".join(module["sass"] + module["ptx"]) or module.get("error") or "no GPU code found"
+        lines.append(f"  attnext CUDA module holds: {code}")
+    if g["available"]:
+        lines.append(f"  torch archs: {' '.join(g['torch_arch_list']) or 'unknown'}; cuDNN: {g['cudnn'] or 'none'}")
     for d in g["devices"]:
         lines.append(f"  cuda:{d['index']}: {d['name']}, compute capability {d['capability']}, "
-                     f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs")
+                     f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs, L2 {d['l2_cache_mib']} MiB, "
+                     f"shared memory {d['shared_memory_per_block_optin_kib']} KiB per block "
+                     f"({d['shared_memory_per_sm_kib']} per SM), {d['registers_per_sm']} registers per SM"
+                     + (f", {d['clock_mhz']} MHz" if d["clock_mhz"] else ""))
+        if "attnext_code" in d:
+            lines.append(f"    attnext code for it: {d['attnext_code'] or 'NONE (no kernel image for this GPU)'}")
     if "self_test" in info:
         t = info["self_test"]
         lines.append("")

@@ -41,7 +41,9 @@ FMA loop on 1 Python thread, then on 2 at once). The targets:
 
 --shapes "B,H,S,D;...": concrete shapes replace the suite's; a field "*" matches any, so that
 "*,*,4096,*" keeps the suite's shapes with S=4096. Causal is top-left aligned (Sq == Sk here).
-FLOPs: forward 4*B*H*S*S*D over the visible pairs (about half when causal), forward+backward 3.5x.
+FLOPs: forward 4*B*H*S*S*D over the visible pairs (about half when causal), backward 2.5x, forward+backward 3.5x.
+Modes: fwd; bwd, the backward alone (its forward runs untimed before each timed backward); fwdbwd.
+On CUDA the peers are torch SDPA with each backend forced (flash, cudnn, efficient), timed with CUDA events.
 ratio = peer ms / attnext ms: > 1 means attnext is faster.
 
 examples:
@@ -52,6 +54,7 @@ examples:
       --markdown benchmarks/results/cpu-targets.md --plot benchmarks/results/cpu-targets.png
   python -m attnext.bench --suite cpu --targets decode,threads --threads 1,2
   python -m attnext.bench --memory --memory-shape 1,8,4096,64
+  python -m attnext.bench --suite gpu --slow-ms 20 --slow-reps 5 --json gpu.json --markdown gpu.md
 """.format(**{name: suite[2] for name, suite in configs.SUITES.items()},
            targets="\n".join(textwrap.fill(f"{t.name:<12} {t.text}", 104, initial_indent="  ",
                                            subsequent_indent=" " * 15) for t in targets.TARGETS.values()))
@@ -65,11 +68,17 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu or cuda (default: cuda if a GPU and attnext's CUDA module are there)")
     p.add_argument("--dtypes", help="comma-separated (default: float32,bfloat16; the cpu suite: "
                    "float32,bfloat16,float16; the gpu suite: bfloat16)")
-    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd (default: both)")
+    p.add_argument("--modes", help="fwd, bwd (the backward alone, its forward untimed) and/or fwdbwd "
+                   "(default: fwd,fwdbwd; the gpu suite: fwd,bwd)")
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="default: both")
     p.add_argument("--threads", default="1", help="torch threads, a list runs each: 1,2 (default: 1)")
     p.add_argument("--reps", type=int, default=9, help="timed runs per config, median reported (default: 9)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per config first (default: 2)")
+    p.add_argument("--slow-ms", type=float, help="a config whose first call takes longer than this many ms is "
+                   "timed --slow-reps times after one warm-up (default: off)")
+    p.add_argument("--slow-reps", type=int, default=3, help="timed runs of such a slow config (default: 3)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="time no new config after this many "
+                   "seconds from the start; the configs left are listed as skipped (default: none)")
     p.add_argument("--targets", help="the cpu suite: comma-separated target names (default: all; see below)")
     p.add_argument("--decode-shapes", help='the cpu suite: "B,Hq,Hkv,Sq,Sk,D;..." for decode, as --shapes')
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
@@ -82,7 +91,8 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="FILE.png", help="save a bar chart of the FLOP rates (matplotlib)")
     args = p.parse_args(argv)
     try:
-        args.modes = configs.parse_list(args.modes, configs.MODES, "mode")
+        modes = args.modes or ",".join(configs.SUITE_MODES.get(args.suite, configs.DEFAULT_MODES))
+        args.modes = configs.parse_list(modes, configs.MODES, "mode")
         dtypes = args.dtypes or ",".join(configs.SUITES[args.suite][1])
         names = configs.parse_list(dtypes, list(configs.DTYPES), "dtype")
         args.dtypes = list(dict.fromkeys(configs.DTYPE_NAMES[configs.DTYPES[n]] for n in names))
@@ -98,8 +108,10 @@ def parse_args(argv):
             raise ValueError("attnext.bench: --targets and --decode-shapes belong to --suite cpu")
     except ValueError as exc:
         p.error(str(exc).removeprefix("attnext.bench: "))
-    if args.reps < 1 or args.warmup < 0:
-        p.error("--reps must be >= 1 and --warmup >= 0")
+    if args.reps < 1 or args.warmup < 0 or args.slow_reps < 1:
+        p.error("--reps and --slow-reps must be >= 1 and --warmup >= 0")
+    if (args.time_limit is not None and args.time_limit <= 0) or (args.slow_ms is not None and args.slow_ms <= 0):
+        p.error("--time-limit and --slow-ms must be > 0")
     return args
 
 
@@ -126,19 +138,28 @@ def machine_info(device):
          "cuda_module_error": _ops.CUDA_MODULE_ERROR, "build": info.build_info(), "gpu": None}
     if device.type == "cuda" or torch.cuda.is_available():
         p = torch.cuda.get_device_properties(device if device.type == "cuda" else 0)
-        m["gpu"] = f"{p.name}, compute capability {p.major}.{p.minor}"
+        m["gpu"] = f"{p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs"
+        m["gpu_info"] = info.gpu_info()
     return m
 
 
-def run_timing(cfgs, args, device):
-    """Times every config at every thread count; returns (result rows, peers skipped with their reasons)."""
+def run_timing(cfgs, args, device, deadline=None):
+    """Times every config at every thread count; returns (result rows, peers or configs skipped with their reasons).
+    With a `deadline` (time.perf_counter()), a config is not started when the longest one so far would end past it."""
     results, skipped = [], []
     progress = Progress(len(cfgs) * len(args.threads))
+    longest = 0.0
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for cfg in cfgs:
-                timings, missing = timing.measure(cfg, device, args.reps, args.warmup)
+                began = time.perf_counter()
+                if deadline is not None and began + longest > deadline:
+                    skipped.append(dict(config=cfg.label(), threads=threads, peer="all",
+                                        reason=f"--time-limit {args.time_limit:g} s reached"))
+                    continue
+                timings, missing = timing.measure(cfg, device, args.reps, args.warmup, args.slow_ms, args.slow_reps)
+                longest = max(longest, time.perf_counter() - began)
                 a = timings.pop("attnext")
                 results += [timing.result_row(cfg, device, threads, peer, a, t) for peer, t in timings.items()]
                 skipped += [dict(config=cfg.label(), threads=threads, peer=p, reason=r) for p, r in missing.items()]
@@ -179,16 +200,19 @@ def check_mode(cfgs, args, device, record):
     return ok
 
 
-def timing_mode(cfgs, args, device, record):
+def timing_mode(cfgs, args, device, record, deadline=None):
     """attnext against its peers on every config; returns the lines to print."""
     log(f"timing {len(cfgs)} configs x {len(args.threads)} thread setting(s), median of {args.reps}")
-    results, skipped = run_timing(cfgs, args, device)
+    results, skipped = run_timing(cfgs, args, device, deadline)
     record.update(results=results, skipped=skipped)
     body = [f"timing: median of {args.reps} after {args.warmup} warm-up, attnext and peer interleaved; "
             "ratio = peer ms / attnext ms (> 1: attnext faster)", "", report.timing_table(results, device.type), ""]
     body += report.summary_lines(results)
+    limited = [s for s in skipped if s["peer"] == "all"]
     body += [f"skipped {s['peer']} on {s['config']} ({report.threads_text(s['threads'])}): {s['reason']}"
-             for s in skipped]
+             for s in skipped if s["peer"] != "all"]
+    if limited:
+        body.append(f"not timed: {len(limited)} configs ({limited[0]['reason']}), from {limited[0]['config']} on")
     if args.plot and results:
         report.write_plot(args.plot, results, device.type)
     return body
@@ -229,13 +253,15 @@ def main(argv=None):
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
         cfgs = configs.build_configs(args.shape_list, args.dtypes, args.modes, causals)
         record.update(suite=args.suite, shapes=args.shape_list, dtypes=args.dtypes, modes=args.modes,
-                      reps=args.reps, warmup=args.warmup, threads=args.threads)
+                      reps=args.reps, warmup=args.warmup, threads=args.threads, slow_ms=args.slow_ms,
+                      slow_reps=args.slow_reps, time_limit=args.time_limit)
         if not args.skip_check and not check_mode(cfgs, args, device, record):
             if args.json:
                 report.write_json(args.json, record)
             log("attnext.bench: correctness check failed; nothing timed")
             return 1
-        body = timing_mode(cfgs, args, device, record)
+        deadline = None if args.time_limit is None else start + args.time_limit
+        body = timing_mode(cfgs, args, device, record, deadline)
     record["seconds"] = time.perf_counter() - start
     print("\n" + "\n".join(body), flush=True)
     if args.markdown:

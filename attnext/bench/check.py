@@ -28,7 +28,7 @@ def _max_abs_diff(a, b):
 def check_case(dtype, batch, heads, heads_kv, seq_q, seq_k, head_dim, causal, mode, device, seed=0):
     """Compares attnext with the reference on one case; returns a dict with the errors and `ok`."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    grad = mode == "fwdbwd"
+    grad = mode in ("bwd", "fwdbwd")
     shape, kv_shape = (batch, heads, seq_q, head_dim), (batch, heads_kv, seq_k, head_dim)
     q, k, v = (torch.randn(s, generator=generator).to(device=device, dtype=dtype).requires_grad_(grad)
                for s in (shape, kv_shape, kv_shape))
@@ -54,15 +54,17 @@ def check_case(dtype, batch, heads, heads_kv, seq_q, seq_k, head_dim, causal, mo
 
 
 def small_case(c):
-    """(dtype, B, Hq, Hkv, Sq, Sk, D, causal, mode) of config `c` at a small size (GQA groups kept for decode)."""
+    """(dtype, B, Hq, Hkv, Sq, Sk, D, causal, mode) of config `c` at a small size (GQA groups kept for decode);
+    the backward alone is checked as forward + backward."""
     q_shape, kv_shape = c.q_shape, c.kv_shape
+    mode = "fwdbwd" if c.mode == "bwd" else c.mode
     if q_shape[1:3] == kv_shape[1:3]:  # the same heads and length for queries and keys
         heads, seq = min(q_shape[1], SMALL_HEADS), min(q_shape[2], SMALL_SEQLEN)
-        return (c.dtype, 1, heads, heads, seq, seq, q_shape[3], c.causal, c.mode)
+        return (c.dtype, 1, heads, heads, seq, seq, q_shape[3], c.causal, mode)
     group = q_shape[1] // kv_shape[1]
     heads_kv = max(1, SMALL_HEADS * 2 // group)
     return (c.dtype, 1, heads_kv * group, heads_kv, q_shape[2], min(kv_shape[2], SMALL_SEQ_K), q_shape[3],
-            c.causal, c.mode)
+            c.causal, mode)
 
 
 def small_cases(configs):

@@ -10,7 +10,7 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "bwd", "fwdbwd")  # bwd: the backward alone, its forward run outside the timing
 BACKWARD_FACTOR = 2.5  # backward FLOPs = 2.5 x forward (FlashAttention's convention)
 
 # Each suite: (B, H, S, D) shapes, default dtypes, one line of description.
@@ -36,6 +36,9 @@ SUITES = {
         "FlashAttention's benchmark shapes: B*S=16384, H*D=2048, S in 512..16384, D in {64, 128, 256}",
     ),
 }
+# Default --modes per suite: the GPU anchors give forward and backward apart.
+SUITE_MODES = {"gpu": ("fwd", "bwd")}
+DEFAULT_MODES = ("fwd", "fwdbwd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +123,12 @@ def visible_pairs(seq_q, seq_k, causal):
 
 
 def attention_flops(batch, heads, seq_q, seq_k, head_dim, causal, mode):
-    """4 flops per visible pair and head-dim element (two matmuls); forward+backward is 3.5x forward."""
+    """4 flops per visible pair and head-dim element (two matmuls); backward is 2.5x forward, forward+backward 3.5x."""
     forward = 4 * batch * heads * head_dim * visible_pairs(seq_q, seq_k, causal)
     if mode == "fwd":
         return forward
+    if mode == "bwd":
+        return forward * BACKWARD_FACTOR
     if mode == "fwdbwd":
         return forward * (1 + BACKWARD_FACTOR)
     raise ValueError(f"attnext.bench: mode {mode!r} is not known (known: {', '.join(MODES)})")

@@ -5,6 +5,7 @@ SDPA backend (flash, efficient, cudnn) is forced in turn with torch.nn.attention
 peer of its own; a backend that cannot run a config is left out of that config's results.
 """
 
+import functools
 import gc
 import math
 import statistics
@@ -63,7 +64,8 @@ class Case:
         """`cold_kv_bytes`: enough copies of K and V to fill this many bytes, used in turn, so that each step
         reads K and V from memory rather than from a cache that still holds them from the step before."""
         torch.manual_seed(seed)
-        self.grad = config.mode == "fwdbwd"
+        self.grad = config.mode in ("bwd", "fwdbwd")
+        self.backward_only = config.mode == "bwd"
         self.device = device
         make = dict(device=device, dtype=config.dtype)
         self.q = torch.randn(config.q_shape, **make).requires_grad_(self.grad)
@@ -82,19 +84,24 @@ class Case:
                 call(self.q, k, v)
 
     def run(self, call):
-        """Milliseconds of one step (forward, or forward + backward); gradients are cleared outside the timing."""
+        """Milliseconds of one step (forward, backward, or forward + backward); gradients are cleared and, for the
+        backward alone, the forward is run outside the timing."""
         k, v = self.kvs[self.turn]
         self.turn = (self.turn + 1) % len(self.kvs)
         self.q.grad = k.grad = v.grad = None
+        if self.backward_only:
+            step = functools.partial(call(self.q, k, v).backward, self.dout)
+        else:
+            step = functools.partial(self._step, call, k, v)
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            self._step(call, k, v)
+            step()
             end.record()
             end.synchronize()
             return start.elapsed_time(end)
         start = time.perf_counter()
-        self._step(call, k, v)
+        step()
         return (time.perf_counter() - start) * 1e3
 
 
