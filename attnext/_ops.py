@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 
+from attnext import _nvtx
 from attnext import _C  # noqa: F401  (loading it registers torch.ops.attnext.*)
 
 
@@ -63,8 +64,9 @@ def _backward(ctx, grad_out, grad_lse):
     elif grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum(): the kernels need stride 1
         grad_out = grad_out.contiguous()
     dlse = None if grad_lse is None else grad_lse.contiguous()
-    dq, dk, dv = torch.ops.attnext.bwd(grad_out, q, k, v, out, lse, dlse, scale, mask_kind, window_left,
-                                       window_right, bshd, deterministic)
+    with _nvtx.op_range("attnext.bwd", q, k, mask_kind, window_left, window_right, bshd):
+        dq, dk, dv = torch.ops.attnext.bwd(grad_out, q, k, v, out, lse, dlse, scale, mask_kind, window_left,
+                                           window_right, bshd, deterministic)
     return dq, dk, dv, None, None, None, None, None, None
 
 

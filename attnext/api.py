@@ -10,11 +10,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from attnext import _ops
+from attnext import _nvtx, _ops
 
 _CAUSAL = {False: _ops.MASK_NONE, True: _ops.MASK_CAUSAL_TOP_LEFT, "top_left": _ops.MASK_CAUSAL_TOP_LEFT,
            "bottom_right": _ops.MASK_CAUSAL_BOTTOM_RIGHT}
 _LAYOUTS = ("bhsd", "bshd")
+CUDA_MAX_HEAD_DIM = 256
 
 
 def _check_device(op, q):
@@ -76,7 +77,8 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
     kind, left, right = _mask_args(op, causal, window_size)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
-    out, lse = torch.ops.attnext.fwd(q, k, v, float(scale), kind, left, right, layout == "bshd", deterministic)
+    with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, layout == "bshd"):
+        out, lse = torch.ops.attnext.fwd(q, k, v, float(scale), kind, left, right, layout == "bshd", deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -106,12 +108,27 @@ def _sdpa_unsupported(query, key, value, attn_mask, dropout_p):
         return f"value head dim {value.shape[-1]} != query head dim {query.shape[-1]} is not supported"
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {query.dtype} is not supported (supported: float32, float16, bfloat16)"
-    if query.device.type == "cuda" and _ops.CUDA_MODULE_ERROR is not None:
-        return "attnext's CUDA module is not available"
+    if query.device.type == "cuda" and (reason := _cuda_unsupported(query, key, value)) is not None:
+        return reason
     if query.device.type not in ("cpu", "cuda", "meta"):
         return f"device {query.device} is not supported"
     if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (query, key, value)):
         return "inputs whose last dim is not contiguous are not supported"
+    return None
+
+
+def _cuda_unsupported(query, key, value):
+    """Why the CUDA kernels cannot take these inputs (None if they can): the SDPA drop-in falls back on it."""
+    if _ops.CUDA_MODULE_ERROR is not None:
+        return "attnext's CUDA module is not available"
+    if query.dtype == torch.float32:
+        return "float32 on CUDA is not supported by attnext's kernels (supported: float16, bfloat16)"
+    d = query.shape[-1]
+    if d % 8 != 0 or not 8 <= d <= CUDA_MAX_HEAD_DIM:
+        return f"head dim {d} on CUDA is not supported (supported: 8..{CUDA_MAX_HEAD_DIM}, multiple of 8)"
+    for t in (query, key, value):
+        if t.numel() and (t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1])):
+            return "CUDA inputs need 16-byte aligned rows (strides that are multiples of 8 elements)"
     return None
 
 

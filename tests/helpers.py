@@ -84,6 +84,7 @@ def references(q, k, v, dout=None, dlse=None, **kw):
     kernel exceeds it more often than attnext does). The stored-output gradient is ref_hi's gradient with that
     Delta: since d lse_i / d s_ij = P_ij, it is autograd of the same loss minus sum_i delta_i * lse_i, where
     delta_i = sum_d dO_id * (round(O_id) - O_id)."""
+    kw = {key: value for key, value in kw.items() if key != "deterministic"}  # a kernel option, not semantics
     result = []
     for upcast in (True, False):
         leaves = _leaves((q, k, v), torch.float64 if upcast else None)
