@@ -56,13 +56,18 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, mask_kind, window_left, window_right, bshd, deterministic)
 
 
+def _cuda_misaligned(t):
+    """The CUDA kernels copy 16-byte row chunks: rows must start on 16-byte boundaries."""
+    return t.numel() > 0 and (t.data_ptr() % 16 != 0 or any(s % 8 for s in t.stride()[:-1]))
+
+
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     scale, mask_kind, window_left, window_right, bshd, deterministic = ctx.args
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    elif grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum(): the kernels need stride 1
-        grad_out = grad_out.contiguous()
+    elif grad_out.stride(-1) != 1 or (grad_out.is_cuda and _cuda_misaligned(grad_out)):
+        grad_out = grad_out.contiguous()  # e.g. the expanded gradient of out.sum(): the kernels need stride 1
     dlse = None if grad_lse is None else grad_lse.contiguous()
     with _nvtx.op_range("attnext.bwd", q, k, mask_kind, window_left, window_right, bshd):
         dq, dk, dv = torch.ops.attnext.bwd(grad_out, q, k, v, out, lse, dlse, scale, mask_kind, window_left,

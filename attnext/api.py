@@ -126,9 +126,8 @@ def _cuda_unsupported(query, key, value):
     d = query.shape[-1]
     if d % 8 != 0 or not 8 <= d <= CUDA_MAX_HEAD_DIM:
         return f"head dim {d} on CUDA is not supported (supported: 8..{CUDA_MAX_HEAD_DIM}, multiple of 8)"
-    for t in (query, key, value):
-        if t.numel() and (t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1])):
-            return "CUDA inputs need 16-byte aligned rows (strides that are multiples of 8 elements)"
+    if any(_ops._cuda_misaligned(t) for t in (query, key, value)):
+        return "CUDA inputs need 16-byte aligned rows (strides that are multiples of 8 elements)"
     return None
 
 

@@ -90,3 +90,17 @@ def test_no_grad_needed_for_some_inputs(cpu_unit):
     dq, = torch.autograd.grad(attnext.attention(q, k, v).sum(), (q,))
     hi, lo = references(q, k, v, torch.ones_like(q))
     assert_close_by_rule(dq, hi["dq"], lo["dq"], 3, floor_for([hi["dq"], hi["dk"], hi["dv"]], GRAD_FLOOR), "dq")
+
+
+def test_nonfinite_dlse_on_rows_without_keys(cpu_unit):
+    """A row that sees no key has P = 0: a NaN or inf gradient of its lse (-inf) must not reach any other
+    gradient, e.g. through Delta into dS = P (dP - Delta) of the whole key tile."""
+    q, k, v = make_qkv(1, 2, 2, 40, 24, 32, torch.float32)
+    out, lse = torch.ops.attnext.fwd(q, k, v, 0.25, 2, -1, -1, False)  # bottom-right: rows 0..15 see nothing
+    dlse = torch.randn_like(lse)
+    dlse[:, :, :16] = float("nan")
+    dlse[:, :, 0] = float("inf")
+    dq, dk, dv = torch.ops.attnext.bwd(torch.randn_like(out), q, k, v, out, lse, dlse, 0.25, 2, -1, -1, False, True)
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert torch.all(dq[:, :, :16] == 0)

@@ -175,3 +175,19 @@ def test_compile_fullgraph():
     q, k, v = cuda_qkv(2, 4, 2, 65, 80, 128, torch.float16)
     fn = torch.compile(lambda a, b, c: attnext.attention(a, b, c, causal="bottom_right"), fullgraph=True)
     torch.testing.assert_close(fn(q, k, v), attnext.attention(q, k, v, causal="bottom_right"), rtol=0, atol=0)
+
+
+def test_nonfinite_dlse_on_rows_without_keys():
+    """Rows without keys share a query block with rows that have some: a NaN/inf gradient of their lse (-inf)
+    must not turn dS = P (dP - Delta) of the whole tile into NaN."""
+    q, k, v = cuda_qkv(1, 2, 2, 40, 24, 64, torch.bfloat16)
+    for deterministic in (False, True):
+        out, lse = torch.ops.attnext.fwd(q, k, v, 0.125, 2, -1, -1, False)  # bottom-right: rows 0..15 see nothing
+        dlse = torch.randn_like(lse)
+        dlse[:, :, :16] = float("nan")
+        dlse[:, :, 0] = float("inf")
+        dq, dk, dv = torch.ops.attnext.bwd(torch.randn_like(out), q, k, v, out, lse, dlse, 0.125, 2, -1, -1, False,
+                                           deterministic)
+        for g in (dq, dk, dv):
+            assert torch.isfinite(g).all()
+        assert torch.all(dq[:, :, :16] == 0)

@@ -108,8 +108,8 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   const int64_t n_rows = p.batch * p.heads_q * p.seq_q;
   BwdLayout L{&bp, t, n_split, bp.workspace, bp.workspace + n_rows};
 
-  // 1. Delta_i = Σ_d dO_id · O_id - dlse_i (lse's own gradient enters as dS_ij += P_ij · dlse_i),
-  //    and zeroed dQ accumulators.
+  // 1. Delta_i = Σ_d dO_id · O_id - dlse_i (lse's own gradient enters as dS_ij += P_ij · dlse_i), 0 for
+  //    rows with no visible key, and zeroed dQ accumulators.
   p.parallel_for(n_rows, &L, [](void* c, int64_t begin, int64_t end) {
     const BwdLayout& L = *static_cast<const BwdLayout*>(c);
     const BwdParams& bp = *L.p;
@@ -121,7 +121,8 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
       const T* d = static_cast<const T*>(bp.dout) + b * bp.dout_stride.b + h * bp.dout_stride.h + i * bp.dout_stride.s;
       float sum = 0.0f;
       for (int64_t c = 0; c < p.head_dim; ++c) sum += Convert<V>::to_float(o[c]) * Convert<V>::to_float(d[c]);
-      L.delta[row] = bp.dlse ? sum - bp.dlse[row] : sum;
+      // A row that sees no key has P = 0: its Delta must not carry a NaN/inf dlse into dS = P (dP - Delta).
+      L.delta[row] = p.lse[row] == -INFINITY ? 0.0f : bp.dlse ? sum - bp.dlse[row] : sum;
       for (int64_t s = 0; s < L.n_split; ++s) std::fill_n(L.dq_acc + (s * n_rows + row) * L.t.d_pad, L.t.d_pad, 0.0f);
     }
   });

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const BwdParams p, 
   const FwdParams& f = p.fwd;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (f.heads_q / f.heads_kv), bh = b * f.heads_q + h;
-  const int64_t i0 = int64_t(blockIdx.x) * kBlockM, i1 = min(i0 + kBlockM, f.seq_q);
+  const int64_t i0 = int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM, i1 = min(i0 + kBlockM, f.seq_q);  // longest first
   const int head_dim = int(f.head_dim);
   const float scale_log2 = f.scale * 1.44269504088896341f;
   const T* k = static_cast<const T*>(f.k) + b * f.k_stride.b + hk * f.k_stride.h;

@@ -1,5 +1,6 @@
 // FlashAttention-2 backward on the tensor cores (sm_80+), in three passes:
-//   1. bwd_preprocess_kernel: Delta_i = rowsum(dOi ∘ Oi) - dlse_i, and the fp32 dQ accumulator zeroed.
+//   1. bwd_preprocess_kernel: Delta_i = rowsum(dOi ∘ Oi) - dlse_i (0 for rows that see no key), and the
+//      fp32 dQ accumulator zeroed.
 //   2. bwd_kernel: one thread block per (key block, KV head, batch). Kj and Vj stay in shared memory while
 //      the block walks every query block that sees them, for every query head of the GQA group, keeping
 //      dKj and dVj in registers; dQi receives each block's share through fp32 atomics.
@@ -39,7 +40,9 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const BwdParams p, 
     for (int64_t d = lane; d < f.head_dim; d += 32)
       sum += to_float(out[row * f.out_stride.s + d]) * to_float(dout[row * p.dout_stride.s + d]);
     for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) w.delta[bh * f.seq_q + row] = sum - (p.dlse ? p.dlse[bh * f.seq_q + row] : 0.0f);
+    // A row that sees no key has P = 0: its Delta must not carry a NaN/inf dlse into dS = P (dP - Delta).
+    const int64_t at = bh * f.seq_q + row;
+    if (lane == 0) w.delta[at] = f.lse[at] == -INFINITY ? 0.0f : sum - (p.dlse ? p.dlse[at] : 0.0f);
     if (w.dq_accum)
       for (int64_t d = lane; d < f.head_dim; d += 32) w.dq_accum[(bh * f.seq_q + row) * f.head_dim + d] = 0.0f;
   }

@@ -34,7 +34,9 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FwdParams p) {
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (p.heads_q / p.heads_kv);
-  const int64_t i0 = int64_t(blockIdx.x) * kBlockM, i1 = min(i0 + kBlockM, p.seq_q);
+  // Query blocks run last-first: under a causal mask the last rows see the most keys, and starting the
+  // longest blocks first shortens the tail of the grid.
+  const int64_t i0 = int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM, i1 = min(i0 + kBlockM, p.seq_q);
   const int head_dim = int(p.head_dim);
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "attnext/params.h"
 #include "cuda/bwd_dq_kernel.cuh"
@@ -13,13 +14,16 @@
 
 namespace attnext::cuda {
 
-// Tile configurations by head-dim bucket. Forward: 128 query rows (4 warps of 32) up to D = 128, 64 above,
-// always 64 keys per step. Backward: 64 keys x 64 queries with dKj/dVj split over 2 warps along D, fewer
-// queries (D = 192) or keys (D = 256) where registers and shared memory run short.
+// Tile configurations by head-dim bucket. Forward: 128 query rows (4 warps of 32) up to D = 128, 64 above;
+// 64 keys per step (32 for D = 96, 128, for registers). Backward: 64 keys x 64 queries with dKj/dVj split
+// over 2 warps along D, fewer queries (D = 192) or keys (D = 256) where registers and shared memory run
+// short. BwdSmall is the fallback for GPUs with less shared memory per block than Bwd needs (D = 256 on
+// sm_86/sm_89, 99 KiB); for the other buckets it is Bwd itself.
 template <class T, int kD>
 struct Tiles {
   using Fwd = FwdConfig<T, kD, (kD <= 128 ? 128 : 64), (kD == 96 || kD == 128 ? 32 : 64), 4>;
   using Bwd = BwdConfig<T, kD, (kD == 192 ? 32 : 64), (kD == 256 ? 32 : 64), (kD == 32 ? 1 : kD == 256 ? 4 : 2)>;
+  using BwdSmall = std::conditional_t<kD == 256, BwdConfig<T, kD, 32, 32, 2>, Bwd>;
   using BwdDq = BwdDqConfig<T, kD, (kD <= 128 ? 64 : 32)>;
 };
 
@@ -31,16 +35,19 @@ inline Status cuda_status(cudaError_t err, const char* what) {
   return Status::kCudaError;
 }
 
+// The current device's opt-in limit of shared memory per block (0 if it cannot be read).
+inline int max_shared_memory_per_block() {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return 0;
+  return optin;
+}
+
 // Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KiB.
 template <class Kernel>
 Status allow_shared_memory(Kernel kernel, int bytes) {
-  int device = 0, optin = 0;
-  Status s = cuda_status(cudaGetDevice(&device), "cudaGetDevice");
-  if (s != Status::kOk) return s;
-  s = cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                  "cudaDeviceGetAttribute");
-  if (s != Status::kOk) return s;
-  if (bytes > optin) return Status::kSharedMemoryTooSmall;
+  if (bytes > max_shared_memory_per_block()) return Status::kSharedMemoryTooSmall;
   if (bytes <= 48 * 1024) return Status::kOk;
   return cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                      "cudaFuncSetAttribute");
@@ -59,30 +66,31 @@ Status launch_forward(const FwdParams& p, cudaStream_t stream) {
   return cuda_status(cudaGetLastError(), "attnext forward kernel launch");
 }
 
-template <class T, int kD>
-Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stream) {
-  using C = typename Tiles<T, kD>::Bwd;
-  using Cdq = typename Tiles<T, kD>::BwdDq;
+// The three backward passes with key-block configuration C (and Cdq for the deterministic dQ pass).
+template <class C, class Cdq>
+Status run_backward(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+  using T = typename C::T;
   const FwdParams& f = p.fwd;
-  if (f.batch * f.heads_q * f.seq_q == 0 && f.batch * f.heads_kv * f.seq_k == 0) return Status::kOk;
   BwdWork w;
   w.delta = p.workspace;
   w.dq_accum = deterministic ? nullptr : p.workspace + f.batch * f.heads_q * f.seq_q;
-  Status s = allow_shared_memory(bwd_kernel<C>, C::kSmemBytes);
-  if (s == Status::kOk && deterministic) s = allow_shared_memory(bwd_dq_kernel<Cdq>, Cdq::kSmemBytes);
+  const bool has_rows = f.batch * f.heads_q * f.seq_q > 0, has_keys = f.batch * f.heads_kv * f.seq_k > 0;
+  Status s = Status::kOk;
+  if (has_keys) s = allow_shared_memory(bwd_kernel<C>, C::kSmemBytes);
+  if (s == Status::kOk && deterministic && has_rows) s = allow_shared_memory(bwd_dq_kernel<Cdq>, Cdq::kSmemBytes);
   if (s != Status::kOk) return s;
 
   const dim3 rows_grid(unsigned(ceil_div(f.seq_q, kPreprocessRows)), unsigned(f.heads_q), unsigned(f.batch));
-  if (f.batch * f.heads_q * f.seq_q > 0) {
+  if (has_rows) {
     bwd_preprocess_kernel<T><<<rows_grid, 128, 0, stream>>>(p, w);
     if ((s = cuda_status(cudaGetLastError(), "attnext backward preprocess launch")) != Status::kOk) return s;
   }
-  if (f.batch * f.heads_kv * f.seq_k > 0) {
+  if (has_keys) {
     const dim3 grid(unsigned(ceil_div(f.seq_k, C::kBlockN)), unsigned(f.heads_kv), unsigned(f.batch));
     bwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, w);
     if ((s = cuda_status(cudaGetLastError(), "attnext backward kernel launch")) != Status::kOk) return s;
   }
-  if (f.batch * f.heads_q * f.seq_q == 0) return Status::kOk;
+  if (!has_rows) return Status::kOk;
   if (deterministic) {
     const dim3 grid(unsigned(ceil_div(f.seq_q, Cdq::kBlockM)), unsigned(f.heads_q), unsigned(f.batch));
     bwd_dq_kernel<Cdq><<<grid, Cdq::kThreads, Cdq::kSmemBytes, stream>>>(p, w);
@@ -90,6 +98,16 @@ Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stre
   }
   bwd_convert_dq_kernel<T><<<rows_grid, 128, 0, stream>>>(p, w);
   return cuda_status(cudaGetLastError(), "attnext backward dQ convert launch");
+}
+
+template <class T, int kD>
+Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+  using Tl = Tiles<T, kD>;
+  const FwdParams& f = p.fwd;
+  if (f.batch * f.heads_q * f.seq_q == 0 && f.batch * f.heads_kv * f.seq_k == 0) return Status::kOk;
+  if (!std::is_same_v<typename Tl::Bwd, typename Tl::BwdSmall> && Tl::Bwd::kSmemBytes > max_shared_memory_per_block())
+    return run_backward<typename Tl::BwdSmall, typename Tl::BwdDq>(p, deterministic, stream);
+  return run_backward<typename Tl::Bwd, typename Tl::BwdDq>(p, deterministic, stream);
 }
 
 // One translation unit per head-dim bucket instantiates both dtypes.
