@@ -58,3 +58,33 @@ def test_decode_is_bitwise_repeatable(cpu_unit):
     for _ in range(3):
         again = attnext.attention(q, k, v, causal="bottom_right", return_lse=True)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,group", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (2, 8)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("sk,d", [(1, 128), (37, 128), (1000, 128), (515, 72)], ids=lambda x: str(x))
+def test_decode_few_rows(cpu_unit, dtype, sq, group, sk, d):
+    """Sq 1..4 on GQA groups 1, 4 and 8: every layout of the scores (1, 2 or 4 lanes per key, or rows as
+    lanes), key counts that end in a partial vector of keys and a partial tile, and a head dim that is not
+    a multiple of 16 (rows packed before use)."""
+    q, k, v = make_qkv(1, 2 * group, 2, sq, sk, d, dtype)
+    check_attention(q, k, v, grads=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("sq,sk,causal,window", [
+    (1, 1025, False, (10, 0)),
+    (3, 1025, False, (0, -1)),
+    (4, 600, "top_left", (-1, -1)),
+    (4, 2, "bottom_right", (-1, -1)),
+    (3, 300, "bottom_right", (40, -1)),
+    (2, 129, False, (-1, -1)),
+])
+def test_decode_masks_few_rows(cpu_unit, dtype, group, sq, sk, causal, window):
+    """The masks of test_decode_masks with one to four rows per KV head (scores with several keys per vector)."""
+    q, k, v = make_qkv(2, 2 * group, 2, sq, sk, 32, dtype)
+    got = check_attention(q, k, v, grads=False, causal=causal, window_size=window, dlse=True)
+    rows = empty_rows(sq, sk, causal, window)
+    assert torch.all(got["out"][:, :, rows] == 0) and torch.all(got["lse"][:, :, rows] == float("-inf"))

@@ -1,8 +1,11 @@
 // Forward for few query rows per KV head (decoding: Sq · Hq/Hkv <= kDecodeMaxRows), over a vector unit V
 // and a storage type T. The scores are computed transposed, Sᵀ = Kj · Qᵀ, with the query rows of all
-// heads of a GQA group as the vector lanes: each K and V row is read from memory once for the whole
-// group, and K needs no transpose. The key range of each (batch, KV head) is split over several tasks
-// when there are fewer heads than threads; the partial results are merged through their LSE.
+// heads of a GQA group side by side: each K and V row is read from memory once for the whole group, and
+// K needs no transpose. The key range of each (batch, KV head) is split over several tasks when there
+// are fewer heads than threads; the partial results are merged through their LSE.
+//
+// Sᵀ is stored key-major with R lanes per key (R = the rows rounded up): a vector holds W/R keys when
+// R < W, so that with one or a few rows the softmax still runs on full vectors.
 #pragma once
 
 #include "cpu/tile_ops.h"
@@ -11,53 +14,132 @@
 namespace attnext::cpu {
 namespace {
 
+constexpr float kLowest = std::numeric_limits<float>::lowest();
+constexpr int64_t kScoreKeys = 16;      // keys per step of the scores (a multiple of every W / R)
+constexpr int64_t kPrefetchKeys = 128;  // how far ahead K and V rows are requested
+
 struct DecodeLayout {
   const FwdParams* p;
   Tiling t;
-  int64_t rows, rows_pad, n_split;  // rows = Sq · group, lane r = (head g = r / Sq, query i = r % Sq)
-  float* part;                      // per task: acc (rows, d_pad), then m (rows), then l (rows)
+  int64_t rows;   // Sq · group; row r = (head g = r / Sq, query i = r % Sq)
+  int64_t R;      // lanes per key in Sᵀ: a power of two <= W/4 (dot form) or a multiple of W (gemm form)
+  bool dot_form;  // few rows: dot products along the head dim, reduced W at a time
+  int64_t n_split;
+  float* part;    // per task: acc (rows, d_pad), then m (rows), then l (rows)
   int64_t part_floats() const { return rows * t.d_pad + 2 * rows; }
 };
 
 template <class V>
 struct DecodeScratch {
-  std::vector<float> q_t, q_r, k_p, v_p, s_t, m, l, m_use, alpha, acc;
-  DecodeScratch(const DecodeLayout& L)
-      : q_t(L.p->head_dim * L.rows_pad), q_r(L.rows * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad),
-        v_p(L.t.block_k * L.t.d_pad),
-        s_t(L.t.block_k * L.rows_pad), m(L.rows_pad), l(L.rows_pad), m_use(L.rows_pad), alpha(L.rows_pad),
+  // q: Q · scale · log2 e, R rows of d_pad (dot form) or Qᵀ, head_dim rows of R (gemm form).
+  // m, l, alpha: one period of the lane pattern of Sᵀ (max(R, W) floats).
+  std::vector<float> q, k_p, v_p, s_t, m, l, alpha, acc;
+  explicit DecodeScratch(const DecodeLayout& L)
+      : q(L.R * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
+        s_t((L.t.block_k + V::W) * L.R), m(std::max<int64_t>(L.R, V::W)), l(m.size()), alpha(m.size()),
         acc(L.rows * L.t.d_pad) {}
 };
 
-// The keys of [j0, j0 + nk) that lane r may not see get -inf (only tiles on a mask boundary get here).
+// Sᵀ = Kj · Qᵀ for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
+// Each key row is read in order and widened once per W columns for all R rows; the W lane sums of a
+// vector come out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1 and
+// are masked later.
+template <class V, int R, class TK>
+void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t) {
+  constexpr int kKeys = V::W / R;
+  for (int64_t j = 0; j < nk; j += kKeys) {
+    typename V::T acc[V::W];
+    for (auto& a : acc) a = V::zero();
+    for (int kk = 0; kk < kKeys; ++kk) {
+      const TK* kj = k + std::min(j + kk, nk - 1) * k_stride;
+      for (int64_t c = 0; c < Dp; c += V::W) {
+        const typename V::T k_c = load_float<V>(kj + c);
+        for (int r = 0; r < R; ++r) acc[kk * R + r] = V::fma(k_c, V::load(q + r * Dp + c), acc[kk * R + r]);
+      }
+    }
+    V::store(s_t + j * R, transpose_sum<V>(acc));
+  }
+}
+
+template <class V, class TK>
+void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t) {
+  if (R == 1) return scores_dot<V, 1>(k, k_stride, nk, q, Dp, s_t);
+  if (R == 2) return scores_dot<V, 2>(k, k_stride, nk, q, Dp, s_t);
+  if constexpr (V::W >= 16) return scores_dot<V, 4>(k, k_stride, nk, q, Dp, s_t);
+}
+
+// acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
+// vectors of acc stay in registers over the whole key tile, and the Vj rows are read in order (whole rows
+// up to 8 vectors), which keeps the hardware prefetchers on the stream.
+template <class V, int Rows, class TV>
+void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp) {
+  int64_t n = 0;
+  for (; n + 8 * V::W <= Dp; n += 8 * V::W) gemm_block<V, Rows, 8>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true);
+  if (n + 4 * V::W <= Dp) {
+    gemm_block<V, Rows, 4>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true);
+    n += 4 * V::W;
+  }
+  for (; n < Dp; n += V::W) gemm_block<V, Rows, 1>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true);
+}
+
+template <class V, class TV>
+void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp) {
+  constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on AVX-512
+  for (int64_t r = 0; r < rows; r += kPassRows) {
+    if (r + kPassRows <= rows) pv_pass<V, kPassRows>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp);
+    else pv_pass<V, 1>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp);
+  }
+}
+
+// Online softmax over one key tile, per lane: m_new = max(m, max_j Sᵀ_j), Pᵀ = 2^(Sᵀ - m_new) in place,
+// alpha = 2^(m - m_new), l ← l·alpha + Σ_j Pᵀ_j. The lane pattern repeats every max(R, W) floats; m and
+// alpha hold the same value in every lane of a row, l its per-lane partial sums (folded at the end).
+template <class V>
+void online_softmax(float* s_t, int64_t n_vec, int64_t R, float* m, float* l, float* alpha) {
+  using VT = typename V::T;
+  const int64_t period = std::max<int64_t>(1, R / V::W);  // vectors per period of the pattern
+  for (int64_t c = 0; c < period; ++c) {
+    VT mx = V::set1(kNegInf), sum = V::zero();
+    for (int64_t v = c; v < n_vec; v += period) mx = V::max(mx, V::load(s_t + v * V::W));
+    mx = fold_lanes<V>(mx, R, [](VT a, VT b) { return V::max(a, b); });
+    const VT m_old = V::load(m + c * V::W), m_new = V::max(m_old, mx);
+    const VT shift = V::max(m_new, V::set1(kLowest));  // a row with nothing visible yet keeps P = 0
+    const VT a = V::exp2(V::sub(m_old, shift));
+    for (int64_t v = c; v < n_vec; v += period) {
+      const VT p = V::exp2(V::sub(V::load(s_t + v * V::W), shift));
+      V::store(s_t + v * V::W, p);
+      sum = V::add(sum, p);
+    }
+    V::store(m + c * V::W, m_new);
+    V::store(alpha + c * V::W, a);
+    V::store(l + c * V::W, V::fma(V::load(l + c * V::W), a, sum));
+  }
+}
+
+// The keys of [j0, j0 + nk) that row r may not see get -inf (only tiles on a mask boundary get here).
 inline void mask_lanes(const DecodeLayout& L, float* s_t, int64_t j0, int64_t nk) {
   const FwdParams& p = *L.p;
   for (int64_t r = 0; r < L.rows; ++r) {
     const int64_t i = r % p.seq_q, kb = key_begin(p.mask, i, p.seq_k), ke = key_end(p.mask, i, p.seq_k);
     for (int64_t j = 0; j < nk; ++j)
-      if (j0 + j < kb || j0 + j >= ke) s_t[j * L.rows_pad + r] = kNegInf;
+      if (j0 + j < kb || j0 + j >= ke) s_t[j * L.R + r] = kNegInf;
   }
 }
 
 template <class V, class T>
 void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t hk, int64_t split, float* part) {
   const FwdParams& p = *L.p;
-  const int64_t D = p.head_dim, Dp = L.t.d_pad, R = L.rows_pad, group = p.heads_q / p.heads_kv;
+  const int64_t D = p.head_dim, Dp = L.t.d_pad, R = L.R, group = p.heads_q / p.heads_kv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
 
-  // With few rows (at most 4, a quarter of the lanes), most lanes of Kj · Qᵀ would be padding: take
-  // dot products along the head dim instead, one K row against all rows at once.
-  const bool dot_form = 4 * L.rows <= V::W;
-
-  // Q · scale · log2 e: row-major for the dot products, else Qᵀ with the group's query rows as lanes
-  // (padding lanes are zero and never read back).
-  if (!dot_form) std::fill(w.q_t.begin(), w.q_t.end(), 0.0f);
+  // Q · scale · log2 e in the form the scores use; padding rows and columns are zero.
+  std::fill(w.q.begin(), w.q.end(), 0.0f);
   for (int64_t r = 0; r < L.rows; ++r) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
-    if (dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q_r.data() + r * Dp, Dp);
-    else for (int64_t d = 0; d < D; ++d) w.q_t[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
+    if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q.data() + r * Dp, Dp);
+    else for (int64_t d = 0; d < D; ++d) w.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
@@ -70,60 +152,53 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t per_split = (n_tiles + L.n_split - 1) / L.n_split;
   const int64_t j_first = kv_begin + split * per_split * L.t.block_k;
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
-  const bool direct = std::is_same_v<T, float> && D == Dp;  // fp32 V rows read in place
+  const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R);
+  const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
-    const int64_t nk = std::min(L.t.block_k, j_last - j0);
+    const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
     const T* vj = v + j0 * p.v_stride.s;
-    // The stream from memory is the whole cost: request the next key tile while this one is computed.
-    const int64_t nk_next = std::min(L.t.block_k, j_last - j0 - nk);
-    prefetch_rows(kj + nk * p.k_stride.s, p.k_stride.s, nk_next, D);
-    prefetch_rows(vj + nk * p.v_stride.s, p.v_stride.s, nk_next, D);
-
-    // Sᵀ = Kj · Qᵀ  (nk x R, base-2 logits)
-    if (dot_form && D == Dp) {  // K rows widened in registers, straight from memory
-      for (int64_t j = 0; j < nk; ++j) dot_rows<V>(kj + j * p.k_stride.s, w.q_r.data(), Dp, L.rows, Dp, &w.s_t[j * R]);
-    } else {
-      pack_rows<V>(kj, p.k_stride.s, nk, D, 1.0f, w.k_p.data(), Dp);
-      if (dot_form) {
-        for (int64_t j = 0; j < nk; ++j) dot_rows<V>(w.k_p.data() + j * Dp, w.q_r.data(), Dp, L.rows, Dp, &w.s_t[j * R]);
+    // Sᵀ = Kj · Qᵀ  (nk_pad x R, base-2 logits), kScoreKeys keys at a time. The stream from memory is
+    // the whole cost: with each chunk, the K and V rows kPrefetchKeys further on are requested, at the
+    // pace they are used (a whole tile at once would stall on the cache's miss queue).
+    for (int64_t j = 0; j < nk; j += kScoreKeys) {
+      const int64_t n = std::min(kScoreKeys, nk - j);
+      const int64_t ahead = std::min(n, j_last - (j0 + j + kPrefetchKeys));
+      if (ahead > 0) {
+        prefetch_rows(kj + (j + kPrefetchKeys) * p.k_stride.s, p.k_stride.s, ahead, D);
+        prefetch_rows(vj + (j + kPrefetchKeys) * p.v_stride.s, p.v_stride.s, ahead, D);
+      }
+      float* s_j = w.s_t.data() + j * R;
+      if (L.dot_form) {
+        if (in_place) scores_dot<V>(R, kj + j * p.k_stride.s, p.k_stride.s, n, w.q.data(), Dp, s_j);
+        else {
+          pack_rows<V>(kj + j * p.k_stride.s, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
+          scores_dot<V>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, s_j);
+        }
+      } else if constexpr (std::is_same_v<T, float>) {
+        gemm<V>(n, R, D, kj + j * p.k_stride.s, p.k_stride.s, 1, w.q.data(), R, s_j, R, false);
       } else {
-        gemm<V>(nk, R, D, w.k_p.data(), Dp, 1, w.q_t.data(), R, w.s_t.data(), R, false);
+        pack_rows<V>(kj + j * p.k_stride.s, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
+        gemm<V>(n, R, D, w.k_p.data(), Dp, 1, w.q.data(), R, s_j, R, false);
       }
     }
+    std::fill(w.s_t.data() + nk * R, w.s_t.data() + nk_pad * R, kNegInf);
     if (!tile_fully_visible(p.mask, 0, p.seq_q, j0, j0 + nk, p.seq_k)) mask_lanes(L, w.s_t.data(), j0, nk);
 
-    // Online softmax per lane: m_new = max(m, max_j Sᵀ_j), Pᵀ = 2^(Sᵀ - m_new), l ← l·2^(m - m_new) + Σ_j Pᵀ_j.
-    for (int64_t c = 0; c < R; c += V::W) {
-      typename V::T mx = V::set1(kNegInf);
-      for (int64_t j = 0; j < nk; ++j) mx = V::max(mx, V::load(w.s_t.data() + j * R + c));
-      V::store(w.m_use.data() + c, mx);
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const float m_new = std::max(w.m[r], w.m_use[r]);
-      w.m_use[r] = m_new == kNegInf ? 0.0f : m_new;  // a lane with nothing visible yet keeps P = 0
-      w.alpha[r] = std::exp2(w.m[r] - w.m_use[r]);
-      w.m[r] = m_new;
-    }
-    for (int64_t c = 0; c < R; c += V::W) {
-      const typename V::T shift = V::load(w.m_use.data() + c);
-      typename V::T sum = V::zero();
-      for (int64_t j = 0; j < nk; ++j) {
-        const typename V::T pj = V::exp2(V::sub(V::load(w.s_t.data() + j * R + c), shift));
-        V::store(w.s_t.data() + j * R + c, pj);
-        sum = V::add(sum, pj);
-      }
-      V::store(w.l.data() + c, V::fma(V::load(w.l.data() + c), V::load(w.alpha.data() + c), sum));
-    }
+    online_softmax<V>(w.s_t.data(), nk_pad * R / V::W, R, w.m.data(), w.l.data(), w.alpha.data());
     for (int64_t r = 0; r < L.rows; ++r)
       if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
 
-    // acc += P · Vj  (P read transposed from Pᵀ)
-    const float* bv = direct ? reinterpret_cast<const float*>(vj) : w.v_p.data();
-    const int64_t ldb = direct ? p.v_stride.s : Dp;
-    if (!direct) pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
-    gemm<V>(L.rows, Dp, nk, w.s_t.data(), 1, R, bv, ldb, w.acc.data(), Dp, true);
+    // acc += P · Vj
+    if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, p.v_stride.s, w.acc.data(), Dp);
+    else {
+      pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
+      pv<V>(L.rows, nk, w.s_t.data(), R, w.v_p.data(), Dp, w.acc.data(), Dp);
+    }
   }
+  // l: the per-lane partial sums of each row added up.
+  if (R < V::W)
+    V::store(w.l.data(), fold_lanes<V>(V::load(w.l.data()), R, [](auto a, auto b) { return V::add(a, b); }));
   std::copy_n(w.acc.data(), L.rows * Dp, part);
   std::copy_n(w.m.data(), L.rows, part + L.rows * Dp);
   std::copy_n(w.l.data(), L.rows, part + L.rows * Dp + L.rows);
@@ -159,9 +234,11 @@ void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<floa
 
 template <class V, class T>
 void decode_typed(const FwdParams& p) {
-  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim), 0, 0, 0, nullptr};
+  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim), 0, 0, false, 0, nullptr};
   L.rows = p.seq_q * (p.heads_q / p.heads_kv);
-  L.rows_pad = round_up(L.rows, V::W);
+  // With at most W/4 rows most lanes of a row-per-lane Sᵀ would be padding: take dot products instead.
+  L.dot_form = 4 * L.rows <= V::W;
+  L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
   L.n_split = decode_splits(p, L.t.block_k);
   std::vector<float> part(p.batch * p.heads_kv * L.n_split * L.part_floats());
   L.part = part.data();

@@ -88,26 +88,28 @@ void unpack_rows(const float* src, int64_t ld, int64_t rows, int64_t cols, float
     for (int64_t c = 0; c < cols; ++c) Convert<V>::store(src[r * ld + c] * mul, dst + r * row_stride + c);
 }
 
-// Asks the caches for rows [0, rows) of a strided matrix ahead of their use (one request per 64-byte line).
+// Asks the caches for rows [0, rows) of a strided matrix ahead of their use (one request per 64-byte
+// line), into L2 rather than L1 (locality 1: prefetcht2 on x86), so that they do not evict the tile in use.
 template <class T>
 inline void prefetch_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     const char* row = reinterpret_cast<const char*>(src + r * row_stride);
-    for (int64_t byte = 0; byte < cols * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte);
+    for (int64_t byte = 0; byte < cols * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte, 0, 1);
   }
 }
 
 // Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
-// broadcast from memory and B rows loaded as vectors. The accumulators stay in registers for all K.
-template <class V, int R, int NV>
-inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+// broadcast from memory and B rows loaded as vectors (16-bit B widened in registers). The accumulators
+// stay in registers for all K.
+template <class V, int R, int NV, class TB = float>
+inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const TB* b, int64_t ldb,
                        float* c, int64_t ldc, bool accumulate) {
   typename V::T acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? V::load(c + r * ldc + v * V::W) : V::zero();
   for (int64_t k = 0; k < K; ++k) {
     typename V::T bk[NV];
-    for (int v = 0; v < NV; ++v) bk[v] = V::load(b + k * ldb + v * V::W);
+    for (int v = 0; v < NV; ++v) bk[v] = load_float<V>(b + k * ldb + v * V::W);
     for (int r = 0; r < R; ++r) {
       const typename V::T ar = V::set1(a[r * a_rs + k * a_cs]);
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bk[v], acc[r][v]);
@@ -151,27 +153,27 @@ inline void mask_row(float* s, int64_t j0, int64_t nk, int64_t nk_pad, int64_t k
   std::fill(s + nk, s + nk_pad, kNegInf);
 }
 
-// out[r] = Σ_c x[c]·q[r·ldq + c] for r < Rows (n a multiple of V::W): x is loaded and widened once for all rows.
-template <class V, int Rows, class T>
-void dot_rows(const T* x, const float* q, int64_t ldq, int64_t n, float* out) {
-  typename V::T acc[Rows];
-  for (int r = 0; r < Rows; ++r) acc[r] = V::zero();
-  for (int64_t c = 0; c < n; c += V::W) {
-    const typename V::T xc = load_float<V>(x + c);
-    for (int r = 0; r < Rows; ++r) acc[r] = V::fma(xc, V::load(q + r * ldq + c), acc[r]);
+// Lane i of the result = Σ of the lanes of x[i], for the V::W vectors x: a butterfly that halves the
+// vector count at each step (pairs merged at lane stride S: lanes with bit S clear carry a, set carry b).
+// Inlined so that x stays in registers.
+template <class V, int S = V::W / 2>
+[[gnu::always_inline]] inline typename V::T transpose_sum(typename V::T* x) {
+  for (int i = 0; i < S; ++i) {
+    const typename V::T a = x[i], b = x[i + S];
+    x[i] = V::add(V::template pick<S>(a, b), V::template swap<S>(V::template pick<S>(b, a)));
   }
-  for (int r = 0; r < Rows; ++r) out[r] = V::reduce_add(acc[r]);
+  if constexpr (S > 1) return transpose_sum<V, S / 2>(x);
+  else return x[0];
 }
 
-// The same for 1 <= rows <= 4.
-template <class V, class T>
-void dot_rows(const T* x, const float* q, int64_t ldq, int rows, int64_t n, float* out) {
-  switch (rows) {
-    case 1: return dot_rows<V, 1>(x, q, ldq, n, out);
-    case 2: return dot_rows<V, 2>(x, q, ldq, n, out);
-    case 3: return dot_rows<V, 3>(x, q, ldq, n, out);
-    default: return dot_rows<V, 4>(x, q, ldq, n, out);
-  }
+// op over the lanes that are equal modulo `period` (a power of two): every lane gets its class's result.
+template <class V, class Op>
+typename V::T fold_lanes(typename V::T x, int64_t period, Op op) {
+  if constexpr (V::W > 8) if (period <= 8) x = op(x, V::template swap<8>(x));
+  if constexpr (V::W > 4) if (period <= 4) x = op(x, V::template swap<4>(x));
+  if (period <= 2) x = op(x, V::template swap<2>(x));
+  if (period <= 1) x = op(x, V::template swap<1>(x));
+  return x;
 }
 
 template <class V>

@@ -37,6 +37,15 @@ struct VecAvx2 {
     return _mm_cvtss_f32(s);
   }
 
+  template <int S>  // lane i <- lane i ^ S
+  static T swap(T x) {
+    if constexpr (S == 1) return _mm256_permute_ps(x, 0xB1);
+    else if constexpr (S == 2) return _mm256_permute_ps(x, 0x4E);
+    else return _mm256_permute2f128_ps(x, x, 1);
+  }
+  template <int S>  // lane i from a where bit S of i is clear, from b where it is set
+  static T pick(T a, T b) { return _mm256_blend_ps(a, b, S == 1 ? 0xAA : S == 2 ? 0xCC : 0xF0); }
+
   // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by its degree-6 Taylor series in f·ln2
   // (relative error < 2e-7), 2^n written into the exponent bits. x < -126 gives exactly 0.
   static T exp2(T x) {

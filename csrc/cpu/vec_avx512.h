@@ -25,6 +25,18 @@ struct VecAvx512 {
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
   static float reduce_add(T x) { return _mm512_reduce_add_ps(x); }
   static float reduce_max(T x) { return _mm512_reduce_max_ps(x); }
+  template <int S>  // lane i <- lane i ^ S
+  static T swap(T x) {
+    if constexpr (S == 1) return _mm512_permute_ps(x, 0xB1);
+    else if constexpr (S == 2) return _mm512_permute_ps(x, 0x4E);
+    else if constexpr (S == 4) return _mm512_shuffle_f32x4(x, x, 0xB1);
+    else return _mm512_shuffle_f32x4(x, x, 0x4E);
+  }
+  template <int S>  // lane i from a where bit S of i is clear, from b where it is set
+  static T pick(T a, T b) {
+    constexpr __mmask16 high = S == 1 ? 0xAAAA : S == 2 ? 0xCCCC : S == 4 ? 0xF0F0 : 0xFF00;
+    return _mm512_mask_blend_ps(high, a, b);
+  }
 
   // 2^x as in VecAvx2::exp2: round, degree-6 series of 2^f, exponent bits; x < -126 gives exactly 0.
   static T exp2(T x) {

@@ -32,6 +32,10 @@ struct VecScalar {
   static T mul(T a, T b) { return map([&](int i) { return a.x[i] * b.x[i]; }); }
   static T max(T a, T b) { return map([&](int i) { return a.x[i] > b.x[i] ? a.x[i] : b.x[i]; }); }
   static T fma(T a, T b, T c) { return map([&](int i) { return a.x[i] * b.x[i] + c.x[i]; }); }
+  template <int S>  // lane i <- lane i ^ S
+  static T swap(T a) { return map([&](int i) { return a.x[i ^ S]; }); }
+  template <int S>  // lane i from a where bit S of i is clear, from b where it is set
+  static T pick(T a, T b) { return map([&](int i) { return (i & S) ? b.x[i] : a.x[i]; }); }
   static T exp2(T a) { return map([&](int i) { return a.x[i] < -126.0f ? 0.0f : std::exp2(a.x[i]); }); }
   static float reduce_add(T a) {
     float s = 0.0f;
