@@ -1,5 +1,5 @@
-// Host-side launch of the Ampere+ kernels for one (dtype, head-dim bucket): the tile configuration of
-// each bucket, the shared-memory opt-in, the grids. Instantiated once per bucket by attention_d<D>.cu.
+// Host-side launch of the Ampere+ kernels for one (dtype, head-dim bucket): the shared-memory opt-in, the
+// grids, the order of the backward passes. Instantiated once per bucket by attention_d<D>.cu.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,24 +8,9 @@
 #include <type_traits>
 
 #include "attnext/params.h"
-#include "cuda/bwd_dq_kernel.cuh"
-#include "cuda/bwd_kernel.cuh"
-#include "cuda/fwd_kernel.cuh"
+#include "cuda/tiles.cuh"
 
 namespace attnext::cuda {
-
-// Tile configurations by head-dim bucket. Forward: 128 query rows (4 warps of 32) up to D = 128, 64 above;
-// 64 keys per step (32 for D = 96, 128, for registers). Backward: 64 keys x 64 queries with dKj/dVj split
-// over 2 warps along D, fewer queries (D = 192) or keys (D = 256) where registers and shared memory run
-// short. BwdSmall is the fallback for GPUs with less shared memory per block than Bwd needs (D = 256 on
-// sm_86/sm_89, 99 KiB); for the other buckets it is Bwd itself.
-template <class T, int kD>
-struct Tiles {
-  using Fwd = FwdConfig<T, kD, (kD <= 128 ? 128 : 64), (kD == 96 || kD == 128 ? 32 : 64), 4>;
-  using Bwd = BwdConfig<T, kD, (kD == 192 ? 32 : 64), (kD == 256 ? 32 : 64), (kD == 32 ? 1 : kD == 256 ? 4 : 2)>;
-  using BwdSmall = std::conditional_t<kD == 256, BwdConfig<T, kD, 32, 32, 2>, Bwd>;
-  using BwdDq = BwdDqConfig<T, kD, (kD <= 128 ? 64 : 32)>;
-};
 
 void set_last_error(const std::string& message);
 
