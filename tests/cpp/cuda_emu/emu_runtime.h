@@ -1,8 +1,9 @@
 // A CPU emulation of the CUDA execution model, enough to run attnext's kernels (csrc/cuda/*.cuh) unchanged
 // in a C++ test: every thread of a block is a fiber (ucontext) on one OS thread, scheduled round-robin;
 // __syncthreads and the warp-collective operations (ldmatrix, mma, shuffles) are barriers at which the
-// fibers meet. Blocks run one after another. Emulated only: cp.async copies synchronously, so the test
-// checks data flow and arithmetic, not the timing of asynchronous copies.
+// fibers meet. Blocks run one after another. cp.async copies land in shared memory only when their thread
+// waits for their group, so a read of shared memory without the wait and the barrier that a GPU needs sees
+// stale (poisoned) data; what the emulation cannot show is timing.
 #pragma once
 
 #include <ucontext.h>
@@ -12,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -36,7 +38,16 @@ namespace emu {
 constexpr int kWarpSize = 32;
 constexpr size_t kStackBytes = 256 * 1024;
 
+// A 16-byte cp.async in flight: its source bytes are read when it is issued, written to shared memory
+// only when the issuing thread waits for its group (so a read before wait + barrier sees stale data).
+struct Copy {
+  void* dst;
+  unsigned char bytes[16];
+};
+
 struct Fiber {
+  std::vector<Copy> uncommitted;
+  std::vector<std::vector<Copy>> committed;  // oldest first
   ucontext_t ctx;
   std::vector<char> stack;
   dim3 thread_idx;
@@ -89,6 +100,15 @@ inline void warp_sync() {
   park(1, b.warp_generation[w]);
 }
 
+// This thread's committed copy groups land, all but the newest `keep`.
+inline void complete_copies(size_t keep) {
+  Fiber& f = self();
+  while (f.committed.size() > keep) {
+    for (const Copy& c : f.committed.front()) std::memcpy(c.dst, c.bytes, 16);
+    f.committed.erase(f.committed.begin());
+  }
+}
+
 // Every thread of the block meets here.
 inline void block_sync() {
   Block& b = *block();
@@ -119,6 +139,8 @@ void exchange(const In& mine, Fn&& use) {
 
 inline void trampoline() {
   block()->body();
+  self().committed.push_back(std::move(self().uncommitted));
+  complete_copies(0);
   self().done = true;
 }
 
@@ -149,21 +171,32 @@ inline void launch(dim3 grid, dim3 block_dim, const std::function<void()>& body)
           f.ctx.uc_link = &b.scheduler;
           makecontext(&f.ctx, trampoline, 0);
         }
+        // Each warp runs as far as it can (to a block barrier or its end) before the next one starts, in
+        // an order that alternates between blocks: warps drift apart as far as the barriers let them, so
+        // a missing barrier shows as a read of data another warp has not written yet, or already replaced.
+        const int warps = int(b.warp_arrived.size());
+        const bool reversed = (x + y + z) % 2 == 1;
         for (int finished = 0; finished < threads;) {
           bool progress = false;
-          finished = 0;
-          for (int t = 0; t < threads; ++t) {
-            Fiber& f = b.fibers[t];
-            if (f.done) { ++finished; continue; }
-            const bool released = f.waiting == 0 ||
-                                  (f.waiting == 1 && b.warp_generation[t / kWarpSize] != f.generation) ||
-                                  (f.waiting == 2 && b.block_generation != f.generation);
-            if (!released) continue;
-            f.waiting = 0;
-            b.current = t;
-            swapcontext(&b.scheduler, &f.ctx);
-            progress = true;
+          for (int i = 0; i < warps; ++i) {
+            const int w = reversed ? warps - 1 - i : i;
+            for (bool warp_progress = true; warp_progress;) {
+              warp_progress = false;
+              for (int t = w * kWarpSize; t < std::min(threads, (w + 1) * kWarpSize); ++t) {
+                Fiber& f = b.fibers[t];
+                const bool released = !f.done && (f.waiting == 0 ||
+                                      (f.waiting == 1 && b.warp_generation[w] != f.generation) ||
+                                      (f.waiting == 2 && b.block_generation != f.generation));
+                if (!released) continue;
+                f.waiting = 0;
+                b.current = t;
+                swapcontext(&b.scheduler, &f.ctx);
+                warp_progress = progress = true;
+              }
+            }
           }
+          finished = 0;
+          for (const Fiber& f : b.fibers) finished += f.done;
           if (!progress && finished < threads) {
             std::fprintf(stderr, "emu: deadlock in block (%u, %u, %u): threads wait at different barriers\n", x, y, z);
             std::abort();

@@ -14,13 +14,19 @@
 
 namespace attnext::cuda {
 
+// Asynchronous copies: queued by the issuing thread, landed by its wait (emu::complete_copies).
 inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (valid) std::memcpy(dst, src, 16);
-  else std::memset(dst, 0, 16);
+  emu::Copy c{dst, {}};
+  if (valid) std::memcpy(c.bytes, src, 16);
+  emu::self().uncommitted.push_back(c);
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  emu::Fiber& f = emu::self();
+  f.committed.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
 template <int n>
-inline void cp_async_wait() {}
+inline void cp_async_wait() { emu::complete_copies(n); }
 
 namespace detail {
 inline uint16_t element(const void* row, int col) {
