@@ -90,9 +90,11 @@ Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stre
   using Tl = Tiles<T, kD>;
   const FwdParams& f = p.fwd;
   if (f.batch * f.heads_q * f.seq_q == 0 && f.batch * f.heads_kv * f.seq_k == 0) return Status::kOk;
-  if (!std::is_same_v<typename Tl::Bwd, typename Tl::BwdSmall> && Tl::Bwd::kSmemBytes > max_shared_memory_per_block())
-    return run_backward<typename Tl::BwdSmall, typename Tl::BwdDq>(p, deterministic, stream);
-  return run_backward<typename Tl::Bwd, typename Tl::BwdDq>(p, deterministic, stream);
+  const int smem = max_shared_memory_per_block();
+  if (Tl::Bwd::kSmemBytes <= smem) return run_backward<typename Tl::Bwd, typename Tl::BwdDq>(p, deterministic, stream);
+  if (Tl::BwdOneStage::kSmemBytes <= smem)
+    return run_backward<typename Tl::BwdOneStage, typename Tl::BwdDq>(p, deterministic, stream);
+  return run_backward<typename Tl::BwdSmall, typename Tl::BwdDq>(p, deterministic, stream);
 }
 
 // One translation unit per head-dim bucket instantiates both dtypes.

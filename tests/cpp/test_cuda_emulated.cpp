@@ -78,8 +78,8 @@ std::vector<float> to_bhsd(const std::vector<float>& x, int64_t batch, int64_t h
   return out;
 }
 
-// kSmall: the backward tiles for GPUs with 99 KiB of shared memory per block (Tiles::BwdSmall).
-template <class T, int kD, bool kSmall = false>
+// Backward configuration: 0 Tiles::Bwd (two stages), 1 Tiles::BwdOneStage, 2 Tiles::BwdSmall.
+template <class T, int kD, int kBwdVariant = 0>
 void run_case(const char* dtype, reference::Shape sh, MaskKind kind, int64_t left, int64_t right, bool bshd) {
   using Tl = Tiles<T, kD>;
   using Fwd = typename Tl::Fwd;
@@ -87,7 +87,7 @@ void run_case(const char* dtype, reference::Shape sh, MaskKind kind, int64_t lef
                            std::to_string(kD) + ") B" + std::to_string(sh.batch) + " Hq" +
                            std::to_string(sh.heads_q) + " Hkv" + std::to_string(sh.heads_kv) + " Sq" +
                            std::to_string(sh.seq_q) + " Sk" + std::to_string(sh.seq_k) + " mask" +
-                           std::to_string(int(kind)) + (bshd ? " bshd" : "") + (kSmall ? " small tiles" : "");
+                           std::to_string(int(kind)) + (bshd ? " bshd" : "") + " bwd variant " + std::to_string(kBwdVariant);
   const bool half = std::is_same_v<T, __half>;
   const double tol_out = half ? 4e-3 : 2e-2, tol_grad = half ? 1e-2 : 5e-2;
   std::mt19937 rng(99 + sh.seq_q * 13 + sh.seq_k + kD);
@@ -132,7 +132,8 @@ void run_case(const char* dtype, reference::Shape sh, MaskKind kind, int64_t lef
   // Backward, both dQ paths: preprocess, key-block pass, then the dQ convert or the deterministic dQ pass.
   reference::backward(sh, rq.data(), rk.data(), rv.data(), rdout.data(), scale, mask, ref_dq, ref_dk, ref_dv);
   for (bool deterministic : {false, true}) {
-    using Bwd = std::conditional_t<kSmall, typename Tl::BwdSmall, typename Tl::Bwd>;
+    using Bwd = std::conditional_t<kBwdVariant == 0, typename Tl::Bwd,
+                                   std::conditional_t<kBwdVariant == 1, typename Tl::BwdOneStage, typename Tl::BwdSmall>>;
     using Dq = typename Tl::BwdDq;
     std::vector<T> dq(nq, T{0xFFFF}), dk(nk, T{0xFFFF}), dv(nk, T{0xFFFF});
     std::vector<float> workspace(sh.batch * sh.heads_q * sh.seq_q * (1 + D), NAN);
@@ -174,7 +175,8 @@ void run_dtype(const char* dtype) {
   run_case<T, 128>(dtype, {1, 3, 1, 65, 129, 128}, M::kCausalBottomRight, -1, -1, true);
   run_case<T, 192>(dtype, {1, 2, 2, 47, 47, 136}, M::kCausalTopLeft, -1, -1, false);
   run_case<T, 256>(dtype, {1, 2, 1, 20, 45, 256}, M::kWindow, -1, 5, false);
-  run_case<T, 256, true>(dtype, {1, 2, 2, 33, 40, 200}, M::kCausalBottomRight, -1, -1, false);
+  run_case<T, 256, 2>(dtype, {1, 2, 2, 33, 40, 200}, M::kCausalBottomRight, -1, -1, false);
+  run_case<T, 128, 1>(dtype, {2, 4, 2, 100, 80, 120}, M::kCausalTopLeft, -1, -1, false);
   run_case<T, 64>(dtype, {1, 4, 1, 1, 1, 64}, M::kNone, -1, -1, false);
   run_case<T, 128>(dtype, {1, 8, 2, 17, 203, 72}, M::kCausalBottomRight, 9, -1, false);  // window on causal
 }
