@@ -10,13 +10,15 @@
 
 namespace attnext::cuda {
 
-template <class T_, int kD_, int kBlockN_>
+// kStages: shared-memory buffers for Kj, Vj (2: the next key block's copy overlaps this one's products).
+template <class T_, int kD_, int kBlockN_, int kStages_ = 2>
 struct BwdDqConfig {
   using T = T_;
-  static constexpr int kD = kD_, kBlockN = kBlockN_, kWarps = 4, kThreads = 128, kBlockM = 16 * kWarps;
+  static constexpr int kD = kD_, kBlockN = kBlockN_, kStages = kStages_, kWarps = 4, kThreads = 128;
+  static constexpr int kBlockM = 16 * kWarps;
   static constexpr int kStride = tile_stride<kD>();
-  static constexpr int kSmemBytes = (2 * kBlockM + 2 * kBlockN) * kStride * int(sizeof(T));
-  static_assert(kBlockN % 16 == 0 && kD % 16 == 0, "bad dQ tiling");
+  static constexpr int kSmemBytes = (2 * kBlockM + 2 * kStages * kBlockN) * kStride * int(sizeof(T));
+  static_assert(kBlockN % 16 == 0 && kD % 16 == 0 && (kStages == 1 || kStages == 2), "bad dQ tiling");
 };
 
 template <class C>
@@ -27,8 +29,8 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const BwdParams p, 
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBlockM * kStride;
-  T* sK = sdO + kBlockM * kStride;
-  T* sV = sK + kBlockN * kStride;
+  T* sK_stages = sdO + kBlockM * kStride;  // [kStages][kBlockN][kStride]
+  T* sV_stages = sK_stages + C::kStages * kBlockN * kStride;
 
   const FwdParams& f = p.fwd;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -44,11 +46,15 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const BwdParams p, 
                                        f.q_stride.s, i0, f.seq_q, head_dim);
   load_tile<kBlockM, kD, C::kThreads>(sdO, static_cast<const T*>(p.dout) + b * p.dout_stride.b + h * p.dout_stride.h,
                                        p.dout_stride.s, i0, f.seq_q, head_dim);
-  if (!blocks.empty()) {
-    load_tile<kBlockN, kD, C::kThreads>(sK, k, f.k_stride.s, blocks.first * kBlockN, f.seq_k, head_dim);
-    load_tile<kBlockN, kD, C::kThreads>(sV, v, f.v_stride.s, blocks.first * kBlockN, f.seq_k, head_dim);
-  }
   cp_async_commit();
+  // Issues the copies of key block n into stage `stage`.
+  auto load_kv = [&](int64_t n, int stage) {
+    load_tile<kBlockN, kD, C::kThreads>(sK_stages + stage * kBlockN * kStride, k, f.k_stride.s, n * kBlockN,
+                                         f.seq_k, head_dim);
+    load_tile<kBlockN, kD, C::kThreads>(sV_stages + stage * kBlockN * kStride, v, f.v_stride.s, n * kBlockN,
+                                         f.seq_k, head_dim);
+    cp_async_commit();
+  };
 
   // This thread's rows g and g + 8 of the warp's 16: their lse·log2 e offset and Delta.
   float lse2[2], delta[2];
@@ -62,8 +68,18 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const BwdParams p, 
   float dq[kDTiles][4] = {};
   for (int64_t n = blocks.first; n < blocks.end; ++n) {
     const int64_t j0 = n * kBlockN;
-    cp_async_wait<0>();
-    __syncthreads();  // Kj and Vj are in shared memory
+    const int stage = C::kStages == 1 ? 0 : int((n - blocks.first) % 2);
+    __syncthreads();  // every warp is done with the previous Kj, Vj: their stage may be overwritten
+    if (C::kStages == 1 || n == blocks.first) load_kv(n, stage);
+    if (C::kStages == 2 && n + 1 < blocks.end) {
+      load_kv(n + 1, 1 - stage);  // the next key block's copies overlap this block's products
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // Qi, dOi, Kj and Vj are in shared memory for every warp
+    const T* sK = sK_stages + stage * kBlockN * kStride;
+    const T* sV = sV_stages + stage * kBlockN * kStride;
 
     // S = Qi · Kjᵀ and dP = dOi · Vjᵀ for this warp's 16 rows.
     float s[kNTiles][4] = {}, dp[kNTiles][4] = {};
@@ -111,13 +127,6 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const BwdParams p, 
         mma_16816<T>(dq[dt], a, bk[0], bk[1]);
         mma_16816<T>(dq[dt + 1], a, bk[2], bk[3]);
       }
-    }
-
-    __syncthreads();  // every warp is done with Kj and Vj
-    if (n + 1 < blocks.end) {
-      load_tile<kBlockN, kD, C::kThreads>(sK, k, f.k_stride.s, j0 + kBlockN, f.seq_k, head_dim);
-      load_tile<kBlockN, kD, C::kThreads>(sV, v, f.v_stride.s, j0 + kBlockN, f.seq_k, head_dim);
-      cp_async_commit();
     }
   }
   cp_async_wait<0>();

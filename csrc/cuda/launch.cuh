@@ -51,19 +51,41 @@ Status launch_forward(const FwdParams& p, cudaStream_t stream) {
   return cuda_status(cudaGetLastError(), "attnext forward kernel launch");
 }
 
-// The three backward passes with key-block configuration C (and Cdq for the deterministic dQ pass).
-template <class C, class Cdq>
-Status run_backward(const BwdParams& p, bool deterministic, cudaStream_t stream) {
-  using T = typename C::T;
+// The key-block pass with configuration C.
+template <class C>
+Status run_key_pass(const BwdParams& p, const BwdWork& w, cudaStream_t stream) {
   const FwdParams& f = p.fwd;
+  Status s = allow_shared_memory(bwd_kernel<C>, C::kSmemBytes);
+  if (s != Status::kOk) return s;
+  const dim3 grid(unsigned(ceil_div(f.seq_k, C::kBlockN)), unsigned(f.heads_kv), unsigned(f.batch));
+  bwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, w);
+  return cuda_status(cudaGetLastError(), "attnext backward kernel launch");
+}
+
+// The deterministic dQ pass with configuration C.
+template <class C>
+Status run_dq_pass(const BwdParams& p, const BwdWork& w, cudaStream_t stream) {
+  const FwdParams& f = p.fwd;
+  Status s = allow_shared_memory(bwd_dq_kernel<C>, C::kSmemBytes);
+  if (s != Status::kOk) return s;
+  const dim3 grid(unsigned(ceil_div(f.seq_q, C::kBlockM)), unsigned(f.heads_q), unsigned(f.batch));
+  bwd_dq_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, w);
+  return cuda_status(cudaGetLastError(), "attnext backward dQ kernel launch");
+}
+
+// The backward passes in order; each pass takes the first of its configurations that fits the GPU's
+// shared memory per block.
+template <class T, int kD>
+Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+  using Tl = Tiles<T, kD>;
+  const FwdParams& f = p.fwd;
+  const bool has_rows = f.batch * f.heads_q * f.seq_q > 0, has_keys = f.batch * f.heads_kv * f.seq_k > 0;
+  if (!has_rows && !has_keys) return Status::kOk;
   BwdWork w;
   w.delta = p.workspace;
   w.dq_accum = deterministic ? nullptr : p.workspace + f.batch * f.heads_q * f.seq_q;
-  const bool has_rows = f.batch * f.heads_q * f.seq_q > 0, has_keys = f.batch * f.heads_kv * f.seq_k > 0;
+  const int smem = max_shared_memory_per_block();
   Status s = Status::kOk;
-  if (has_keys) s = allow_shared_memory(bwd_kernel<C>, C::kSmemBytes);
-  if (s == Status::kOk && deterministic && has_rows) s = allow_shared_memory(bwd_dq_kernel<Cdq>, Cdq::kSmemBytes);
-  if (s != Status::kOk) return s;
 
   const dim3 rows_grid(unsigned(ceil_div(f.seq_q, kPreprocessRows)), unsigned(f.heads_q), unsigned(f.batch));
   if (has_rows) {
@@ -71,30 +93,18 @@ Status run_backward(const BwdParams& p, bool deterministic, cudaStream_t stream)
     if ((s = cuda_status(cudaGetLastError(), "attnext backward preprocess launch")) != Status::kOk) return s;
   }
   if (has_keys) {
-    const dim3 grid(unsigned(ceil_div(f.seq_k, C::kBlockN)), unsigned(f.heads_kv), unsigned(f.batch));
-    bwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, w);
-    if ((s = cuda_status(cudaGetLastError(), "attnext backward kernel launch")) != Status::kOk) return s;
+    if (Tl::Bwd::kSmemBytes <= smem) s = run_key_pass<typename Tl::Bwd>(p, w, stream);
+    else if (Tl::BwdOneStage::kSmemBytes <= smem) s = run_key_pass<typename Tl::BwdOneStage>(p, w, stream);
+    else s = run_key_pass<typename Tl::BwdSmall>(p, w, stream);
+    if (s != Status::kOk) return s;
   }
   if (!has_rows) return Status::kOk;
   if (deterministic) {
-    const dim3 grid(unsigned(ceil_div(f.seq_q, Cdq::kBlockM)), unsigned(f.heads_q), unsigned(f.batch));
-    bwd_dq_kernel<Cdq><<<grid, Cdq::kThreads, Cdq::kSmemBytes, stream>>>(p, w);
-    return cuda_status(cudaGetLastError(), "attnext backward dQ kernel launch");
+    if (Tl::BwdDq::kSmemBytes <= smem) return run_dq_pass<typename Tl::BwdDq>(p, w, stream);
+    return run_dq_pass<typename Tl::BwdDqOneStage>(p, w, stream);
   }
   bwd_convert_dq_kernel<T><<<rows_grid, 128, 0, stream>>>(p, w);
   return cuda_status(cudaGetLastError(), "attnext backward dQ convert launch");
-}
-
-template <class T, int kD>
-Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stream) {
-  using Tl = Tiles<T, kD>;
-  const FwdParams& f = p.fwd;
-  if (f.batch * f.heads_q * f.seq_q == 0 && f.batch * f.heads_kv * f.seq_k == 0) return Status::kOk;
-  const int smem = max_shared_memory_per_block();
-  if (Tl::Bwd::kSmemBytes <= smem) return run_backward<typename Tl::Bwd, typename Tl::BwdDq>(p, deterministic, stream);
-  if (Tl::BwdOneStage::kSmemBytes <= smem)
-    return run_backward<typename Tl::BwdOneStage, typename Tl::BwdDq>(p, deterministic, stream);
-  return run_backward<typename Tl::BwdSmall, typename Tl::BwdDq>(p, deterministic, stream);
 }
 
 // One translation unit per head-dim bucket instantiates both dtypes.

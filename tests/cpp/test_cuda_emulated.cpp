@@ -78,7 +78,8 @@ std::vector<float> to_bhsd(const std::vector<float>& x, int64_t batch, int64_t h
   return out;
 }
 
-// Backward configuration: 0 Tiles::Bwd (two stages), 1 Tiles::BwdOneStage, 2 Tiles::BwdSmall.
+// Backward configurations: 0 Tiles::Bwd and BwdDq (two stages), 1 BwdOneStage and BwdDqOneStage,
+// 2 BwdSmall and BwdDqOneStage.
 template <class T, int kD, int kBwdVariant = 0>
 void run_case(const char* dtype, reference::Shape sh, MaskKind kind, int64_t left, int64_t right, bool bshd) {
   using Tl = Tiles<T, kD>;
@@ -134,7 +135,7 @@ void run_case(const char* dtype, reference::Shape sh, MaskKind kind, int64_t lef
   for (bool deterministic : {false, true}) {
     using Bwd = std::conditional_t<kBwdVariant == 0, typename Tl::Bwd,
                                    std::conditional_t<kBwdVariant == 1, typename Tl::BwdOneStage, typename Tl::BwdSmall>>;
-    using Dq = typename Tl::BwdDq;
+    using Dq = std::conditional_t<kBwdVariant == 0, typename Tl::BwdDq, typename Tl::BwdDqOneStage>;
     std::vector<T> dq(nq, T{0xFFFF}), dk(nk, T{0xFFFF}), dv(nk, T{0xFFFF});
     std::vector<float> workspace(sh.batch * sh.heads_q * sh.seq_q * (1 + D), NAN);
     BwdParams bp;
