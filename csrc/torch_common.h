@@ -12,6 +12,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "attnext/mask.h"
@@ -172,6 +173,27 @@ inline Tensor empty_like_contiguous(const Tensor& t, std::optional<ScalarType> d
 
 inline Strides strides_of(const Tensor& t, bool bshd) {
   return bshd ? Strides{t.stride(0), t.stride(2), t.stride(1)} : Strides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// dq, dk, dv allocated contiguous like q, k, v, and pointed to by bp.
+inline std::tuple<Tensor, Tensor, Tensor> allocate_gradients(BwdParams& bp, const Tensor& q, const Tensor& k,
+                                                             const Tensor& v, bool bshd) {
+  Tensor dq = empty_like_contiguous(q), dk = empty_like_contiguous(k), dv = empty_like_contiguous(v);
+  bp.dq = dq.mutable_data_ptr();
+  bp.dk = dk.mutable_data_ptr();
+  bp.dv = dv.mutable_data_ptr();
+  bp.dq_stride = strides_of(dq, bshd);
+  bp.dk_stride = strides_of(dk, bshd);
+  bp.dv_stride = strides_of(dv, bshd);
+  return {dq, dk, dv};
+}
+
+// An fp32 workspace of n floats on t's device, pointed to by bp.
+inline Tensor allocate_workspace(BwdParams& bp, const Tensor& t, int64_t n) {
+  Tensor ws = torch::stable::new_empty(t, {n}, ScalarType::Float);
+  bp.workspace = static_cast<float*>(ws.mutable_data_ptr());
+  bp.workspace_floats = n;
+  return ws;
 }
 
 }  // namespace attnext::binding

@@ -52,19 +52,10 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(Tensor dout, Tensor q, Tensor k, Tens
   const FwdParams& p = bp.fwd;
   backward_params(bp, kBwdOp, "CPU", dout, q, out, lse, dlse, bshd);
 
-  Tensor dq = empty_like_contiguous(q), dk = empty_like_contiguous(k), dv = empty_like_contiguous(v);
-  bp.dq = dq.mutable_data_ptr();
-  bp.dk = dk.mutable_data_ptr();
-  bp.dv = dv.mutable_data_ptr();
-  bp.dq_stride = strides_of(dq, bshd);
-  bp.dk_stride = strides_of(dk, bshd);
-  bp.dv_stride = strides_of(dv, bshd);
-  const int64_t ws_floats = cpu::backward_workspace_size(p);
-  Tensor ws = torch::stable::new_empty(q, {ws_floats}, ScalarType::Float);
-  bp.workspace = static_cast<float*>(ws.mutable_data_ptr());
-  bp.workspace_floats = ws_floats;
+  auto grads = allocate_gradients(bp, q, k, v, bshd);
+  Tensor ws = allocate_workspace(bp, q, cpu::backward_workspace_size(p));
   check_status(kBwdOp, cpu::backward(bp), p);
-  return {dq, dk, dv};
+  return grads;
 }
 
 cpu::Isa to_isa(int64_t isa) {

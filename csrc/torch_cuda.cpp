@@ -83,19 +83,10 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor dout, Tensor q, Tensor k, Ten
   check_aligned(kBwdOp, "grad_out", dout, bshd);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
 
-  Tensor dq = empty_like_contiguous(q), dk = empty_like_contiguous(k), dv = empty_like_contiguous(v);
-  bp.dq = dq.mutable_data_ptr();
-  bp.dk = dk.mutable_data_ptr();
-  bp.dv = dv.mutable_data_ptr();
-  bp.dq_stride = strides_of(dq, bshd);
-  bp.dk_stride = strides_of(dk, bshd);
-  bp.dv_stride = strides_of(dv, bshd);
-  const int64_t ws_floats = cuda::backward_workspace_floats(p, deterministic);
-  Tensor ws = torch::stable::new_empty(q, {ws_floats}, ScalarType::Float);
-  bp.workspace = static_cast<float*>(ws.mutable_data_ptr());
-  bp.workspace_floats = ws_floats;
+  auto grads = allocate_gradients(bp, q, k, v, bshd);
+  Tensor ws = allocate_workspace(bp, q, cuda::backward_workspace_floats(p, deterministic));
   check_status(kBwdOp, cuda::backward(bp, deterministic, current_stream(q.get_device())), p);
-  return {dq, dk, dv};
+  return grads;
 }
 
 }  // namespace

@@ -40,37 +40,37 @@ Status allow_shared_memory(Kernel kernel, int bytes) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Launches kernel<<<grid, threads, smem, stream>>>(args...) after raising its shared-memory limit.
+template <class... Params, class... Args>
+Status launch(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream, const char* what,
+              const Args&... args) {
+  Status s = allow_shared_memory(kernel, smem);
+  if (s != Status::kOk) return s;
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  return cuda_status(cudaGetLastError(), what);
+}
+
 template <class T, int kD>
 Status launch_forward(const FwdParams& p, cudaStream_t stream) {
   using C = typename Tiles<T, kD>::Fwd;
   if (p.batch * p.heads_q * p.seq_q == 0) return Status::kOk;
-  Status s = allow_shared_memory(fwd_kernel<C>, C::kSmemBytes);
-  if (s != Status::kOk) return s;
   const dim3 grid(unsigned(ceil_div(p.seq_q, C::kBlockM)), unsigned(p.heads_q), unsigned(p.batch));
-  fwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
-  return cuda_status(cudaGetLastError(), "attnext forward kernel launch");
+  return launch(fwd_kernel<C>, grid, C::kThreads, C::kSmemBytes, stream, "attnext forward kernel launch", p);
 }
 
 // The key-block pass with configuration C.
 template <class C>
 Status run_key_pass(const BwdParams& p, const BwdWork& w, cudaStream_t stream) {
-  const FwdParams& f = p.fwd;
-  Status s = allow_shared_memory(bwd_kernel<C>, C::kSmemBytes);
-  if (s != Status::kOk) return s;
-  const dim3 grid(unsigned(ceil_div(f.seq_k, C::kBlockN)), unsigned(f.heads_kv), unsigned(f.batch));
-  bwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, w);
-  return cuda_status(cudaGetLastError(), "attnext backward kernel launch");
+  const dim3 grid(unsigned(ceil_div(p.fwd.seq_k, C::kBlockN)), unsigned(p.fwd.heads_kv), unsigned(p.fwd.batch));
+  return launch(bwd_kernel<C>, grid, C::kThreads, C::kSmemBytes, stream, "attnext backward kernel launch", p, w);
 }
 
 // The deterministic dQ pass with configuration C.
 template <class C>
 Status run_dq_pass(const BwdParams& p, const BwdWork& w, cudaStream_t stream) {
-  const FwdParams& f = p.fwd;
-  Status s = allow_shared_memory(bwd_dq_kernel<C>, C::kSmemBytes);
-  if (s != Status::kOk) return s;
-  const dim3 grid(unsigned(ceil_div(f.seq_q, C::kBlockM)), unsigned(f.heads_q), unsigned(f.batch));
-  bwd_dq_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, w);
-  return cuda_status(cudaGetLastError(), "attnext backward dQ kernel launch");
+  const dim3 grid(unsigned(ceil_div(p.fwd.seq_q, C::kBlockM)), unsigned(p.fwd.heads_q), unsigned(p.fwd.batch));
+  return launch(bwd_dq_kernel<C>, grid, C::kThreads, C::kSmemBytes, stream, "attnext backward dQ kernel launch",
+                p, w);
 }
 
 // The backward passes in order; each pass takes the first of its configurations that fits the GPU's
@@ -88,10 +88,10 @@ Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stre
   Status s = Status::kOk;
 
   const dim3 rows_grid(unsigned(ceil_div(f.seq_q, kPreprocessRows)), unsigned(f.heads_q), unsigned(f.batch));
-  if (has_rows) {
-    bwd_preprocess_kernel<T><<<rows_grid, 128, 0, stream>>>(p, w);
-    if ((s = cuda_status(cudaGetLastError(), "attnext backward preprocess launch")) != Status::kOk) return s;
-  }
+  if (has_rows &&
+      (s = launch(bwd_preprocess_kernel<T>, rows_grid, 128, 0, stream, "attnext backward preprocess launch", p, w)) !=
+          Status::kOk)
+    return s;
   if (has_keys) {
     if (Tl::Bwd::kSmemBytes <= smem) s = run_key_pass<typename Tl::Bwd>(p, w, stream);
     else if (Tl::BwdOneStage::kSmemBytes <= smem) s = run_key_pass<typename Tl::BwdOneStage>(p, w, stream);
@@ -103,8 +103,7 @@ Status launch_backward(const BwdParams& p, bool deterministic, cudaStream_t stre
     if (Tl::BwdDq::kSmemBytes <= smem) return run_dq_pass<typename Tl::BwdDq>(p, w, stream);
     return run_dq_pass<typename Tl::BwdDqOneStage>(p, w, stream);
   }
-  bwd_convert_dq_kernel<T><<<rows_grid, 128, 0, stream>>>(p, w);
-  return cuda_status(cudaGetLastError(), "attnext backward dQ convert launch");
+  return launch(bwd_convert_dq_kernel<T>, rows_grid, 128, 0, stream, "attnext backward dQ convert launch", p, w);
 }
 
 // One translation unit per head-dim bucket instantiates both dtypes.

@@ -7,20 +7,14 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
 #include "attnext/blocks.h"
 
 using namespace attnext;
 
 namespace {
 
-int g_failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_failures;
-    if (g_failures < 20) std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using test::expect;
 
 bool visible(const MaskSpec& m, int64_t i, int64_t j, int64_t seq_k) {
   return j >= key_begin(m, i, seq_k) && j < key_end(m, i, seq_k);
@@ -155,10 +149,5 @@ int main() {
   test_block_ranges();
   test_online_softmax();
   test_head_dim_buckets();
-  if (g_failures) {
-    std::printf("%d failures\n", g_failures);
-    return 1;
-  }
-  std::printf("blocks: all checks passed\n");
-  return 0;
+  return test::test_result("blocks");
 }

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "expect.h"
 #include "attnext/mask.h"
 #include "attnext/params.h"
 #include "attnext/reference.h"
@@ -17,14 +18,7 @@ using namespace attnext;
 
 namespace {
 
-int g_failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using test::expect;
 
 // Splits [0, n) over two std::threads, as torch's pool would over its threads.
 void two_threads(int64_t n, void* ctx, RangeFn fn) {
@@ -135,6 +129,5 @@ int main() {
       for (const auto kind : kinds) run_case(sh, kind, kind == MaskKind::kWindow ? 9 : -1, kind == MaskKind::kWindow ? 4 : -1, isa);
   }
   expect(units >= 1, "at least one runnable unit");
-  std::printf("%d passed, %d failed\n", g_failures == 0 ? 1 : 0, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return test::test_result("cpu kernels");
 }

@@ -8,6 +8,7 @@
 #include <random>
 #include <string>
 
+#include "expect.h"
 #include "attnext/reference.h"
 #include "cuda/tiles.cuh"
 
@@ -20,14 +21,7 @@ using namespace attnext::cuda;
 
 namespace {
 
-int g_failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using test::expect;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -187,10 +181,5 @@ void run_dtype(const char* dtype) {
 int main() {
   run_dtype<__half>("fp16");
   run_dtype<__nv_bfloat16>("bf16");
-  if (g_failures) {
-    std::printf("%d failures\n", g_failures);
-    return 1;
-  }
-  std::printf("cuda kernels (emulated): all checks passed\n");
-  return 0;
+  return test::test_result("cuda kernels (emulated)");
 }
