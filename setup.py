@@ -51,6 +51,7 @@ ISA_FLAGS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
+    "avx512bf16": ["-mavx512f", "-mavx512bf16", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
 }
 
 
@@ -75,9 +76,9 @@ def cpu_units():
     """The vector units this compiler can build, and why the others are left out."""
     units, skipped = ["scalar"], {}
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        skipped = {u: f"not an x86 target ({platform.machine()})" for u in ("avx2", "avx512")}
+        skipped = {u: f"not an x86 target ({platform.machine()})" for u in ("avx2", "avx512", "avx512bf16")}
         return units, skipped
-    for unit in ("avx2", "avx512"):
+    for unit in ("avx2", "avx512", "avx512bf16"):
         if compiler_accepts(ISA_FLAGS[unit]):
             units.append(unit)
         else:

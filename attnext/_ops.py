@@ -78,7 +78,7 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("attnext::fwd", _backward, setup_context=_setup_context)
 
 
-CPU_UNITS = ("scalar", "avx2", "avx512")
+CPU_UNITS = ("scalar", "avx2", "avx512", "avx512bf16")
 
 
 def cpu_unit():

@@ -60,7 +60,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cpu(Tensor dout, Tensor q, Tensor k, Tens
 
 cpu::Isa to_isa(int64_t isa) {
   check(isa >= 0 && isa < cpu::kNumIsas, "attnext.set_cpu_isa: unit ", isa,
-        " is not known (known: 0 scalar, 1 avx2, 2 avx512)");
+        " is not known (known: 0 scalar, 1 avx2, 2 avx512, 3 avx512bf16)");
   return static_cast<cpu::Isa>(isa);
 }
 

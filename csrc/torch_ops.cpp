@@ -14,7 +14,7 @@ STABLE_TORCH_LIBRARY(attnext, m) {
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale, "
         "int mask_kind, int window_left, int window_right, bool bshd, bool deterministic) "
         "-> (Tensor dq, Tensor dk, Tensor dv)");
-  // CPU vector units: 0 scalar, 1 avx2, 2 avx512.
+  // CPU vector units: 0 scalar, 1 avx2, 2 avx512, 3 avx512bf16.
   m.def("cpu_isa() -> int");
   m.def("cpu_isa_compiled(int isa) -> bool");
   m.def("cpu_isa_runnable(int isa) -> bool");

@@ -183,7 +183,7 @@ def test_flash_attn_func_rejects_bad_window():
 def test_set_cpu_unit_unknown():
     before = _ops.cpu_unit()
     with pytest.raises(ValueError, match=r"attnext\.set_cpu_unit: unit 'neon' is not known "
-                                         r"\(known: scalar, avx2, avx512\)"):
+                                         r"\(known: scalar, avx2, avx512, avx512bf16\)"):
         _ops.set_cpu_unit("neon")
     assert _ops.cpu_unit() == before
 
@@ -201,5 +201,5 @@ def test_set_cpu_unit_not_runnable():
 
 def test_set_cpu_isa_op_unknown():
     with pytest.raises(RuntimeError, match=r"attnext\.set_cpu_isa: unit 9 is not known \(known: 0 scalar, 1 avx2, "
-                                           r"2 avx512\)"):
+                                           r"2 avx512, 3 avx512bf16\)"):
         torch.ops.attnext.set_cpu_isa(9)

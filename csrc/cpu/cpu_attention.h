@@ -8,8 +8,8 @@
 
 namespace attnext::cpu {
 
-enum class Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr int kNumIsas = 3;
+enum class Isa : int32_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+constexpr int kNumIsas = 4;
 
 const char* isa_name(Isa isa);
 bool isa_compiled(Isa isa);  // built into this binary
@@ -30,5 +30,6 @@ double fma_peak_gflops(int64_t iters);
 namespace scalar { Status forward(const FwdParams&); Status backward(const BwdParams&); double fma_peak(int64_t); }
 namespace avx2 { Status forward(const FwdParams&); Status backward(const BwdParams&); double fma_peak(int64_t); }
 namespace avx512 { Status forward(const FwdParams&); Status backward(const BwdParams&); double fma_peak(int64_t); }
+namespace avx512bf16 { Status forward(const FwdParams&); Status backward(const BwdParams&); double fma_peak(int64_t); }
 
 }  // namespace attnext::cpu

@@ -26,6 +26,9 @@ struct Unit {
 
 Unit unit_of(Isa isa) {
   switch (isa) {
+#if defined(ATTNEXT_HAVE_AVX512BF16)
+    case Isa::kAvx512Bf16: return {avx512bf16::forward, avx512bf16::backward, avx512bf16::fma_peak};
+#endif
 #if defined(ATTNEXT_HAVE_AVX512)
     case Isa::kAvx512: return {avx512::forward, avx512::backward, avx512::fma_peak};
 #endif
@@ -44,8 +47,11 @@ bool cpu_has(Isa isa) {
   const bool f16c = (c >> 29) & 1u;
   if (isa == Isa::kAvx2)
     return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == Isa::kAvx512)
-    return f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  const bool avx512 = f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (isa == Isa::kAvx512) return avx512;
+  // AVX512_BF16 is CPUID.(EAX=7, ECX=1):EAX bit 5; __builtin_cpu_supports("avx512f") already means the OS
+  // saves the zmm state.
+  if (isa == Isa::kAvx512Bf16) return avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
   return false;
 #else
   return isa == Isa::kScalar;
@@ -86,6 +92,7 @@ const char* isa_name(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512bf16";
   }
   return "unknown";
 }
@@ -98,6 +105,9 @@ bool isa_compiled(Isa isa) {
 #endif
 #if defined(ATTNEXT_HAVE_AVX512)
     case Isa::kAvx512: return true;
+#endif
+#if defined(ATTNEXT_HAVE_AVX512BF16)
+    case Isa::kAvx512Bf16: return true;
 #endif
     default: return false;
   }

@@ -18,6 +18,52 @@ struct FwdScratch {
         s(t.block_q * t.block_k), m(t.block_q), l(t.block_q) {}
 };
 
+// O_i = acc_i / l_i and lse_i = (m_i + log2 l_i) · ln 2 for the rows [i0, i0 + rows) of head (b, h); a row
+// with no visible key gets O = 0, lse = -inf.
+template <class V, class T>
+void write_output(const FwdParams& p, const float* acc, int64_t ld, const float* m, const float* l, int64_t b,
+                  int64_t h, int64_t i0, int64_t rows) {
+  T* out = static_cast<T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h + i0 * p.out_stride.s;
+  float* lse = p.lse + (b * p.heads_q + h) * p.seq_q + i0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool empty = l[r] == 0.0f;
+    unpack_rows<V>(acc + r * ld, ld, 1, p.head_dim, empty ? 0.0f : 1.0f / l[r], out + r * p.out_stride.s, 0);
+    lse[r] = empty ? kNegInf : (m[r] + std::log2(l[r])) * kLn2;
+  }
+}
+
+// Runs tile(p, t, scratch, b, h, i0, i1) for every (batch, query head, query tile) on the thread pool, with
+// one scratch W per worker range. Query tiles are dealt heavy-light (zigzag) so causal work stays balanced.
+template <class W, void (*Tile)(const FwdParams&, const Tiling&, W&, int64_t, int64_t, int64_t, int64_t)>
+void for_each_query_tile(const FwdParams& p, const Tiling& t) {
+  const int64_t n_tiles = (p.seq_q + t.block_q - 1) / t.block_q;
+  const int64_t n_tasks = p.batch * p.heads_q * n_tiles;
+  struct Ctx { const FwdParams* p; const Tiling* t; int64_t n_tiles; } ctx{&p, &t, n_tiles};
+  p.parallel_for(n_tasks, &ctx, [](void* c, int64_t begin, int64_t end) {
+    const Ctx& x = *static_cast<const Ctx*>(c);
+    W w(*x.t, x.p->head_dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / x.n_tiles, tile = zigzag(task % x.n_tiles, x.n_tiles);
+      const int64_t i0 = tile * x.t->block_q, i1 = std::min(x.p->seq_q, i0 + x.t->block_q);
+      Tile(*x.p, *x.t, w, bh / x.p->heads_q, bh % x.p->heads_q, i0, i1);
+    }
+  });
+}
+
+// One row's online-softmax step over a masked base-2 score row s[0, n): m_new = max(m_i, rowmax S),
+// P = 2^(S - m_new) (written by exp_row(m_new), which returns rowsum P), l_i ← l_i · 2^(m_i - m_new) + rowsum P,
+// acc_i ← acc_i · 2^(m_i - m_new). Returns false, touching nothing, while the row has seen no visible key.
+template <class V, class ExpRow>
+inline bool softmax_row(const float* s, int64_t n, float& m, float& l, float* acc, int64_t d_pad, ExpRow exp_row) {
+  const float m_new = std::max(m, row_max<V>(s, n));
+  if (m_new == kNegInf) return false;
+  const float alpha = std::exp2(m - m_new);
+  l = l * alpha + exp_row(m_new);
+  m = m_new;
+  if (alpha != 1.0f) scale_row<V>(acc, d_pad, alpha);
+  return true;
+}
+
 template <class V, class T>
 void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t b, int64_t h, int64_t i0,
                   int64_t i1) {
@@ -50,54 +96,28 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
     // S = Qi · Kjᵀ  ((r1 - r0) x nk_pad, base-2 logits)
     gemm<V>(r1 - r0, nk_pad, D, q_s, Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
 
-    // Online softmax per row: m_new = max(m_i, rowmax S), P = 2^(S - m_new),
-    // l_i ← l_i · 2^(m_i - m_new) + rowsum P, acc ← acc · 2^(m_i - m_new).
+    // Online softmax per row (softmax_row), P = 2^(S - m_new) in place; rows that see no key yet get P = 0.
     const bool full = tile_fully_visible(p.mask, i0 + r0, i0 + r1, j0, j0 + nk, p.seq_k);
     for (int64_t r = r0; r < r1; ++r) {
       float* s = w.s.data() + (r - r0) * nk_pad;
       const int64_t i = i0 + r;
       mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
-      const float m_new = std::max(w.m[r], row_max<V>(s, nk_pad));
-      if (m_new == kNegInf) {  // nothing visible in this row yet: P = 0
-        std::fill(s, s + nk_pad, 0.0f);
-        continue;
-      }
-      const float alpha = std::exp2(w.m[r] - m_new);
-      w.l[r] = w.l[r] * alpha + exp2_row<V>(s, nk_pad, m_new);
-      w.m[r] = m_new;
-      if (alpha != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, alpha);
+      const bool visible = softmax_row<V>(s, nk_pad, w.m[r], w.l[r], w.acc.data() + r * Dp, Dp,
+                                          [s, nk_pad](float m_new) { return exp2_row<V>(s, nk_pad, m_new); });
+      if (!visible) std::fill(s, s + nk_pad, 0.0f);
     }
 
     // acc += P · Vj
     gemm<V>(r1 - r0, Dp, nk, w.s.data(), nk_pad, 1, w.v_p.data(), Dp, acc, Dp, true);
   }
 
-  // O_i = acc / l_i and lse_i = (m_i + log2 l_i) · ln 2; a row with no visible key gets O = 0, lse = -inf.
-  T* out = static_cast<T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h + i0 * p.out_stride.s;
-  float* lse = p.lse + (b * p.heads_q + h) * p.seq_q + i0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const bool empty = w.l[r] == 0.0f;
-    unpack_rows<V>(w.acc.data() + r * Dp, Dp, 1, D, empty ? 0.0f : 1.0f / w.l[r], out + r * p.out_stride.s, 0);
-    lse[r] = empty ? kNegInf : (w.m[r] + std::log2(w.l[r])) * kLn2;
-  }
+  write_output<V, T>(p, w.acc.data(), Dp, w.m.data(), w.l.data(), b, h, i0, rows);
 }
 
 template <class V, class T>
 void forward_typed(const FwdParams& p) {
   if (use_decode(p)) return decode_typed<V, T>(p);
-  const Tiling t = choose_tiling(p.seq_q, p.head_dim);
-  const int64_t n_tiles = (p.seq_q + t.block_q - 1) / t.block_q;
-  const int64_t n_tasks = p.batch * p.heads_q * n_tiles;
-  struct Ctx { const FwdParams* p; const Tiling* t; int64_t n_tiles; } ctx{&p, &t, n_tiles};
-  p.parallel_for(n_tasks, &ctx, [](void* c, int64_t begin, int64_t end) {
-    const Ctx& x = *static_cast<const Ctx*>(c);
-    FwdScratch<V> w(*x.t, x.p->head_dim);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / x.n_tiles, tile = zigzag(task % x.n_tiles, x.n_tiles);
-      const int64_t i0 = tile * x.t->block_q, i1 = std::min(x.p->seq_q, i0 + x.t->block_q);
-      forward_tile<V, T>(*x.p, *x.t, w, bh / x.p->heads_q, bh % x.p->heads_q, i0, i1);
-    }
-  });
+  for_each_query_tile<FwdScratch<V>, forward_tile<V, T>>(p, choose_tiling(p.seq_q, p.head_dim));
 }
 
 template <class V>

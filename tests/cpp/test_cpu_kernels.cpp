@@ -46,6 +46,45 @@ std::vector<float> randn(size_t n, std::mt19937& rng) {
 
 Strides contiguous(int64_t h, int64_t s, int64_t d) { return {h * s * d, s * d, d}; }
 
+// bf16 storage: round to nearest even (the test data has no NaN), and back.
+uint16_t to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+float from_bf16(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// The bf16 forward of p's problem against the double reference on the same (rounded) inputs: the output is
+// rounded to bf16 and units may round P to bf16 (the avx512bf16 unit does), so it gets a bf16-sized bound.
+void check_bf16_forward(const reference::Shape& sh, FwdParams p, const std::vector<float>& q,
+                        const std::vector<float>& k, const std::vector<float>& v, double scale, const std::string& name) {
+  std::vector<uint16_t> qh(q.size()), kh(k.size()), vh(v.size()), outh(q.size());
+  std::vector<float> qr(q.size()), kr(k.size()), vr(v.size()), out(q.size()), lse(sh.batch * sh.heads_q * sh.seq_q);
+  for (size_t i = 0; i < q.size(); ++i) qr[i] = from_bf16(qh[i] = to_bf16(q[i]));
+  for (size_t i = 0; i < k.size(); ++i) kr[i] = from_bf16(kh[i] = to_bf16(k[i]));
+  for (size_t i = 0; i < v.size(); ++i) vr[i] = from_bf16(vh[i] = to_bf16(v[i]));
+  p.q = qh.data(); p.k = kh.data(); p.v = vh.data(); p.out = outh.data(); p.lse = lse.data();
+  p.dtype = DType::kBFloat16;
+  expect(cpu::forward(p) == Status::kOk, name + ": bf16 forward status");
+  std::vector<double> ref_out, ref_lse;
+  reference::forward(sh, qr.data(), kr.data(), vr.data(), scale, p.mask, ref_out, ref_lse);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = from_bf16(outh[i]);
+  const double err = max_abs_diff(out, ref_out);
+  expect(err < 2e-2, name + ": bf16 out error " + std::to_string(err));
+  for (size_t i = 0; i < lse.size(); ++i) {
+    const bool both_inf = std::isinf(ref_lse[i]) && lse[i] == -INFINITY;
+    if (both_inf || std::fabs(lse[i] - ref_lse[i]) < 1e-4) continue;
+    expect(false, name + ": bf16 lse row " + std::to_string(i));
+    break;
+  }
+}
+
 void run_case(reference::Shape sh, MaskKind kind, int64_t left, int64_t right, cpu::Isa isa) {
   std::mt19937 rng(1234 + sh.seq_q * 7 + sh.seq_k);
   const int64_t nq = sh.batch * sh.heads_q * sh.seq_q * sh.head_dim;
@@ -78,6 +117,7 @@ void run_case(reference::Shape sh, MaskKind kind, int64_t left, int64_t right, c
     expect(both_inf || std::fabs(lse[i] - ref_lse[i]) < 2e-5, name + ": lse row " + std::to_string(i));
     if (!both_inf && std::fabs(lse[i] - ref_lse[i]) >= 2e-5) break;
   }
+  check_bf16_forward(sh, p, q, k, v, scale, name);
 
   BwdParams bp;
   bp.fwd = p;
