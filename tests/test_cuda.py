@@ -150,7 +150,8 @@ def test_misaligned_error():
         attnext.attention(q, q, q)
 
 
-def test_sdpa_dropin_and_fallbacks():
+def test_sdpa_dropin_and_fallbacks(monkeypatch):
+    monkeypatch.setattr(attnext.api, "_warned", set())  # the fallback warns once per reason and process
     q, k, v = cuda_qkv(2, 8, 2, 33, 47, 64, torch.bfloat16)
     check_against_torch_sdpa(q, k, v, is_causal=True, enable_gqa=True)
     q32, k32, v32 = (t.float() for t in (q, k, v))
