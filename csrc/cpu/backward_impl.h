@@ -30,60 +30,87 @@ struct BwdLayout {
   float* dq_acc;  // (n_split, B, Hq, Sq, d_pad)
 };
 
-// The contribution of key tile [j0, j0 + nk) (packed in w.k_t, w.k_p, w.v_t) and query rows [i0, i1)
-// of head h to dKj, dVj (w.dk, w.dv) and to dQ_i.
-template <class V, class T>
-void backward_block(const BwdLayout& L, BwdScratch<V>& w, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t j0,
+// The fp32 FMA kernels of the backward over V, for storage type T: the operations on one key tile that
+// backward_kv_tile strings together (another unit may bring its own, backward_bf16_pairs.h).
+template <class V_, class T_>
+struct FmaBackward {
+  using V = V_;
+  using T = T_;
+  using Scratch = BwdScratch<V>;
+
+  static Tiling tiling(const FwdParams& p) { return choose_tiling(p.seq_q, p.head_dim); }
+
+  // Kjᵀ, Kj · scale and Vjᵀ in fp32; dKj = dVj = 0.
+  static void load_keys(const BwdLayout& L, Scratch& w, const T* k, const T* v, int64_t nk) {
+    const FwdParams& p = L.p->fwd;
+    const int64_t D = p.head_dim, Dp = L.t.d_pad, nk_pad = round_up(nk, V::W);
+    pack_transposed<V>(k, p.k_stride.s, nk, D, w.k_t.data(), nk_pad);
+    pack_rows<V>(k, p.k_stride.s, nk, D, p.scale, w.k_p.data(), Dp);
+    pack_transposed<V>(v, p.v_stride.s, nk, D, w.v_t.data(), nk_pad);
+    std::fill(w.dk.begin(), w.dk.end(), 0.0f);
+    std::fill(w.dv.begin(), w.dv.end(), 0.0f);
+  }
+
+  // The contribution of key tile [j0, j0 + nk) and query rows [i0, i1) of head h to dKj, dVj (w.dk, w.dv)
+  // and to dQ_i.
+  static void block(const BwdLayout& L, Scratch& w, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t j0,
                     int64_t nk, float* dq_acc) {
-  const FwdParams& p = L.p->fwd;
-  const int64_t D = p.head_dim, Dp = L.t.d_pad, rows = i1 - i0, nk_pad = round_up(nk, V::W);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.s;
-  const T* dout =
-      static_cast<const T*>(L.p->dout) + b * L.p->dout_stride.b + h * L.p->dout_stride.h + i0 * L.p->dout_stride.s;
-  pack_rows<V>(q, p.q_stride.s, rows, D, p.scale * kLog2e, w.q_s.data(), Dp);
-  pack_rows<V>(dout, L.p->dout_stride.s, rows, D, 1.0f, w.do_p.data(), Dp);
+    const FwdParams& p = L.p->fwd;
+    const int64_t D = p.head_dim, Dp = L.t.d_pad, rows = i1 - i0, nk_pad = round_up(nk, V::W);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.s;
+    const T* dout =
+        static_cast<const T*>(L.p->dout) + b * L.p->dout_stride.b + h * L.p->dout_stride.h + i0 * L.p->dout_stride.s;
+    pack_rows<V>(q, p.q_stride.s, rows, D, p.scale * kLog2e, w.q_s.data(), Dp);
+    pack_rows<V>(dout, L.p->dout_stride.s, rows, D, 1.0f, w.do_p.data(), Dp);
 
-  // S = Qi · Kjᵀ in base 2, then P = 2^(S - lse_i · log2 e) with the forward's lse (masked keys give 0).
-  gemm<V>(rows, nk_pad, D, w.q_s.data(), Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
-  const int64_t row0 = (b * p.heads_q + h) * p.seq_q + i0;
-  const bool full = tile_fully_visible(p.mask, i0, i1, j0, j0 + nk, p.seq_k);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = w.s.data() + r * nk_pad;
-    const int64_t i = i0 + r;
-    mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
-    const float lse = p.lse[row0 + r];
-    if (lse == kNegInf) std::fill(s, s + nk_pad, 0.0f);
-    else exp2_row<V>(s, nk_pad, lse * kLog2e);
+    // S = Qi · Kjᵀ in base 2, then P = 2^(S - lse_i · log2 e) with the forward's lse (masked keys give 0).
+    gemm<V>(rows, nk_pad, D, w.q_s.data(), Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
+    const int64_t row0 = (b * p.heads_q + h) * p.seq_q + i0;
+    const bool full = tile_fully_visible(p.mask, i0, i1, j0, j0 + nk, p.seq_k);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = w.s.data() + r * nk_pad;
+      const int64_t i = i0 + r;
+      mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
+      const float lse = p.lse[row0 + r];
+      if (lse == kNegInf) std::fill(s, s + nk_pad, 0.0f);
+      else exp2_row<V>(s, nk_pad, lse * kLog2e);
+    }
+
+    // dVj += Pᵀ · dO_i
+    gemm<V>(nk, Dp, rows, w.s.data(), 1, nk_pad, w.do_p.data(), Dp, w.dv.data(), Dp, true);
+    // dP = dO_i · Vjᵀ, then dS = P ∘ (dP - Delta_i), in place
+    gemm<V>(rows, nk_pad, D, w.do_p.data(), Dp, 1, w.v_t.data(), nk_pad, w.dp.data(), nk_pad, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      const typename V::T delta = V::set1(L.delta[row0 + r]);
+      float* ds = w.dp.data() + r * nk_pad;
+      const float* pr = w.s.data() + r * nk_pad;
+      for (int64_t c = 0; c < nk_pad; c += V::W)
+        V::store(ds + c, V::mul(V::load(pr + c), V::sub(V::load(ds + c), delta)));
+    }
+    // dQ_i += dS · Kj · scale (k_p holds K · scale);  dKj += dSᵀ · Qi (q_s holds Q · scale · log2 e)
+    gemm<V>(rows, Dp, nk, w.dp.data(), nk_pad, 1, w.k_p.data(), Dp, dq_acc, Dp, true);
+    gemm<V>(nk, Dp, rows, w.dp.data(), 1, nk_pad, w.q_s.data(), Dp, w.dk.data(), Dp, true);
   }
 
-  // dVj += Pᵀ · dO_i
-  gemm<V>(nk, Dp, rows, w.s.data(), 1, nk_pad, w.do_p.data(), Dp, w.dv.data(), Dp, true);
-  // dP = dO_i · Vjᵀ, then dS = P ∘ (dP - Delta_i), in place
-  gemm<V>(rows, nk_pad, D, w.do_p.data(), Dp, 1, w.v_t.data(), nk_pad, w.dp.data(), nk_pad, false);
-  for (int64_t r = 0; r < rows; ++r) {
-    const typename V::T delta = V::set1(L.delta[row0 + r]);
-    float* ds = w.dp.data() + r * nk_pad;
-    const float* pr = w.s.data() + r * nk_pad;
-    for (int64_t c = 0; c < nk_pad; c += V::W) V::store(ds + c, V::mul(V::load(pr + c), V::sub(V::load(ds + c), delta)));
+  // dKj = ln 2 · (dSᵀ · Q · scale · log2 e) = scale · dSᵀ Q;  dVj as accumulated.
+  static void store_keys(const BwdLayout& L, const Scratch& w, int64_t nk, T* dk, T* dv) {
+    const BwdParams& bp = *L.p;
+    unpack_rows<V>(w.dk.data(), L.t.d_pad, nk, bp.fwd.head_dim, kLn2, dk, bp.dk_stride.s);
+    unpack_rows<V>(w.dv.data(), L.t.d_pad, nk, bp.fwd.head_dim, 1.0f, dv, bp.dv_stride.s);
   }
-  // dQ_i += dS · Kj · scale (k_p holds K · scale);  dKj += dSᵀ · Qi (q_s holds Q · scale · log2 e)
-  gemm<V>(rows, Dp, nk, w.dp.data(), nk_pad, 1, w.k_p.data(), Dp, dq_acc, Dp, true);
-  gemm<V>(nk, Dp, rows, w.dp.data(), 1, nk_pad, w.q_s.data(), Dp, w.dk.data(), Dp, true);
-}
+};
 
-template <class V, class T>
-void backward_kv_tile(const BwdLayout& L, BwdScratch<V>& w, int64_t b, int64_t hk, int64_t split, int64_t j0) {
+// One key tile [j0, j0 + nk) of kv head hk: the kernels K (FmaBackward's interface) over every query tile
+// of every query head of the group that sees it; dKj, dVj are written once.
+template <class K>
+void backward_kv_tile(const BwdLayout& L, typename K::Scratch& w, int64_t b, int64_t hk, int64_t split, int64_t j0) {
+  using T = typename K::T;
   const BwdParams& bp = *L.p;
   const FwdParams& p = bp.fwd;
-  const int64_t D = p.head_dim, Dp = L.t.d_pad, nk = std::min(L.t.block_k, p.seq_k - j0);
-  const int64_t nk_pad = round_up(nk, V::W), group = p.heads_q / p.heads_kv;
+  const int64_t Dp = L.t.d_pad, nk = std::min(L.t.block_k, p.seq_k - j0), group = p.heads_q / p.heads_kv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h + j0 * p.k_stride.s;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + j0 * p.v_stride.s;
-  pack_transposed<V>(k, p.k_stride.s, nk, D, w.k_t.data(), nk_pad);
-  pack_rows<V>(k, p.k_stride.s, nk, D, p.scale, w.k_p.data(), Dp);
-  pack_transposed<V>(v, p.v_stride.s, nk, D, w.v_t.data(), nk_pad);
-  std::fill(w.dk.begin(), w.dk.end(), 0.0f);
-  std::fill(w.dv.begin(), w.dv.end(), 0.0f);
+  K::load_keys(L, w, k, v, nk);
 
   // Query rows that see any key of the tile; both bounds are non-decreasing in the key index.
   const int64_t rb = row_begin(p.mask, j0, p.seq_q), re = row_end(p.mask, j0 + nk - 1, p.seq_q);
@@ -91,19 +118,19 @@ void backward_kv_tile(const BwdLayout& L, BwdScratch<V>& w, int64_t b, int64_t h
     float* dq_head = L.dq_acc + ((split * p.batch + b) * p.heads_q + h) * p.seq_q * Dp;
     for (int64_t i0 = rb; i0 < re; i0 += L.t.block_q) {
       const int64_t i1 = std::min(re, i0 + L.t.block_q);
-      backward_block<V, T>(L, w, b, h, i0, i1, j0, nk, dq_head + i0 * Dp);
+      K::block(L, w, b, h, i0, i1, j0, nk, dq_head + i0 * Dp);
     }
   }
 
-  // dKj = ln 2 · (dSᵀ · Q · scale · log2 e) = scale · dSᵀ Q;  dVj as accumulated.
   T* dk = static_cast<T*>(bp.dk) + b * bp.dk_stride.b + hk * bp.dk_stride.h + j0 * bp.dk_stride.s;
   T* dv = static_cast<T*>(bp.dv) + b * bp.dv_stride.b + hk * bp.dv_stride.h + j0 * bp.dv_stride.s;
-  unpack_rows<V>(w.dk.data(), Dp, nk, D, kLn2, dk, bp.dk_stride.s);
-  unpack_rows<V>(w.dv.data(), Dp, nk, D, 1.0f, dv, bp.dv_stride.s);
+  K::store_keys(L, w, nk, dk, dv);
 }
 
-template <class V, class T>
+template <class K>
 void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
+  using V = typename K::V;
+  using T = typename K::T;
   const FwdParams& p = bp.fwd;
   const int64_t n_rows = p.batch * p.heads_q * p.seq_q;
   BwdLayout L{&bp, t, n_split, bp.workspace, bp.workspace + n_rows};
@@ -131,12 +158,12 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   p.parallel_for(p.batch * p.heads_kv * n_split, &L, [](void* c, int64_t begin, int64_t end) {
     const BwdLayout& L = *static_cast<const BwdLayout*>(c);
     const FwdParams& p = L.p->fwd;
-    BwdScratch<V> w(L.t, p.head_dim);
+    typename K::Scratch w(L.t, p.head_dim);
     const int64_t n_kv_tiles = (p.seq_k + L.t.block_k - 1) / L.t.block_k;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % L.n_split, bh = task / L.n_split;
       for (int64_t tile = split; tile < n_kv_tiles; tile += L.n_split)
-        backward_kv_tile<V, T>(L, w, bh / p.heads_kv, bh % p.heads_kv, split, tile * L.t.block_k);
+        backward_kv_tile<K>(L, w, bh / p.heads_kv, bh % p.heads_kv, split, tile * L.t.block_k);
     }
   });
 
@@ -158,16 +185,24 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   });
 }
 
-template <class V>
-Status backward_impl(const BwdParams& bp) {
+// The backward with kernels K; its tiles may differ from the workspace query's (choose_tiling) in block_q
+// and block_k only: a larger block_k gives at most as many splits, so their dQ accumulators still fit.
+template <class K>
+Status backward_run(const BwdParams& bp) {
   const FwdParams& p = bp.fwd;
-  const Tiling t = choose_tiling(p.seq_q, p.head_dim);
+  const Tiling t = K::tiling(p);
   const int64_t n_split = backward_splits(p.batch, p.heads_kv, p.seq_k, t.block_k, p.num_threads);
   if (bp.workspace_floats < backward_workspace_floats(p)) return Status::kWorkspaceTooSmall;
-  switch (p.dtype) {
-    case DType::kFloat32: backward_typed<V, float>(bp, t, n_split); return Status::kOk;
-    case DType::kFloat16: backward_typed<V, Half>(bp, t, n_split); return Status::kOk;
-    case DType::kBFloat16: backward_typed<V, Bf16>(bp, t, n_split); return Status::kOk;
+  backward_typed<K>(bp, t, n_split);
+  return Status::kOk;
+}
+
+template <class V>
+Status backward_impl(const BwdParams& bp) {
+  switch (bp.fwd.dtype) {
+    case DType::kFloat32: return backward_run<FmaBackward<V, float>>(bp);
+    case DType::kFloat16: return backward_run<FmaBackward<V, Half>>(bp);
+    case DType::kBFloat16: return backward_run<FmaBackward<V, Bf16>>(bp);
   }
   return Status::kUnsupportedDType;
 }

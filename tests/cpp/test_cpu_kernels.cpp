@@ -60,15 +60,20 @@ float from_bf16(uint16_t h) {
   return x;
 }
 
+// x rounded to bf16: the bf16 bits, and their values in `rounded`.
+std::vector<uint16_t> bf16_of(const std::vector<float>& x, std::vector<float>& rounded) {
+  std::vector<uint16_t> h(x.size());
+  rounded.resize(x.size());
+  for (size_t i = 0; i < x.size(); ++i) rounded[i] = from_bf16(h[i] = to_bf16(x[i]));
+  return h;
+}
+
 // The bf16 forward of p's problem against the double reference on the same (rounded) inputs: the output is
 // rounded to bf16 and units may round P to bf16 (the avx512bf16 unit does), so it gets a bf16-sized bound.
 void check_bf16_forward(const reference::Shape& sh, FwdParams p, const std::vector<float>& q,
                         const std::vector<float>& k, const std::vector<float>& v, double scale, const std::string& name) {
-  std::vector<uint16_t> qh(q.size()), kh(k.size()), vh(v.size()), outh(q.size());
-  std::vector<float> qr(q.size()), kr(k.size()), vr(v.size()), out(q.size()), lse(sh.batch * sh.heads_q * sh.seq_q);
-  for (size_t i = 0; i < q.size(); ++i) qr[i] = from_bf16(qh[i] = to_bf16(q[i]));
-  for (size_t i = 0; i < k.size(); ++i) kr[i] = from_bf16(kh[i] = to_bf16(k[i]));
-  for (size_t i = 0; i < v.size(); ++i) vr[i] = from_bf16(vh[i] = to_bf16(v[i]));
+  std::vector<float> qr, kr, vr, out(q.size()), lse(sh.batch * sh.heads_q * sh.seq_q);
+  std::vector<uint16_t> qh = bf16_of(q, qr), kh = bf16_of(k, kr), vh = bf16_of(v, vr), outh(q.size());
   p.q = qh.data(); p.k = kh.data(); p.v = vh.data(); p.out = outh.data(); p.lse = lse.data();
   p.dtype = DType::kBFloat16;
   expect(cpu::forward(p) == Status::kOk, name + ": bf16 forward status");
@@ -82,6 +87,39 @@ void check_bf16_forward(const reference::Shape& sh, FwdParams p, const std::vect
     if (both_inf || std::fabs(lse[i] - ref_lse[i]) < 1e-4) continue;
     expect(false, name + ": bf16 lse row " + std::to_string(i));
     break;
+  }
+}
+
+// The bf16 backward (after the bf16 forward) against the double reference on the same rounded inputs and dO:
+// gradients are rounded to bf16 and units may round P and dS to bf16 (the avx512bf16 unit does), so each gets
+// a bf16-sized bound relative to its largest reference value.
+void check_bf16_backward(const reference::Shape& sh, FwdParams p, const std::vector<float>& q,
+                         const std::vector<float>& k, const std::vector<float>& v, const std::vector<float>& dout,
+                         double scale, const std::string& name) {
+  std::vector<float> qr, kr, vr, dor, lse(sh.batch * sh.heads_q * sh.seq_q);
+  std::vector<uint16_t> qh = bf16_of(q, qr), kh = bf16_of(k, kr), vh = bf16_of(v, vr), doh = bf16_of(dout, dor);
+  std::vector<uint16_t> outh(q.size()), dqh(q.size()), dkh(k.size()), dvh(v.size());
+  p.q = qh.data(); p.k = kh.data(); p.v = vh.data(); p.out = outh.data(); p.lse = lse.data();
+  p.dtype = DType::kBFloat16;
+  expect(cpu::forward(p) == Status::kOk, name + ": bf16 forward status");
+  BwdParams bp;
+  bp.fwd = p;
+  bp.dout = doh.data(); bp.dq = dqh.data(); bp.dk = dkh.data(); bp.dv = dvh.data();
+  bp.dout_stride = bp.dq_stride = p.q_stride;
+  bp.dk_stride = bp.dv_stride = p.k_stride;
+  std::vector<float> ws(cpu::backward_workspace_size(p));
+  bp.workspace = ws.data(); bp.workspace_floats = int64_t(ws.size());
+  expect(cpu::backward(bp) == Status::kOk, name + ": bf16 backward status");
+  std::vector<double> ref[3];
+  reference::backward(sh, qr.data(), kr.data(), vr.data(), dor.data(), scale, p.mask, ref[0], ref[1], ref[2]);
+  const std::vector<uint16_t>* got[3] = {&dqh, &dkh, &dvh};
+  for (int g = 0; g < 3; ++g) {
+    std::vector<float> x(got[g]->size());
+    double peak = 1.0;
+    for (size_t i = 0; i < x.size(); ++i) x[i] = from_bf16((*got[g])[i]), peak = std::max(peak, std::fabs(ref[g][i]));
+    const double err = max_abs_diff(x, ref[g]);
+    expect(err < 2e-2 * peak, name + ": bf16 grad " + "qkv"[g] + " error " + std::to_string(err) + " (peak " +
+                                  std::to_string(peak) + ")");
   }
 }
 
@@ -118,6 +156,7 @@ void run_case(reference::Shape sh, MaskKind kind, int64_t left, int64_t right, c
     if (!both_inf && std::fabs(lse[i] - ref_lse[i]) >= 2e-5) break;
   }
   check_bf16_forward(sh, p, q, k, v, scale, name);
+  check_bf16_backward(sh, p, q, k, v, dout, scale, name);
 
   BwdParams bp;
   bp.fwd = p;
