@@ -20,16 +20,16 @@ import tempfile
 from setuptools import find_packages, setup
 
 
-
 def _cuda_home_with_runtime():
-    """Sets CUDA_HOME, when unset, to a toolkit root that holds the CUDA runtime library: torch guesses the
+    """Sets CUDA_HOME, when unset, to a toolkit root that holds nvcc and the CUDA runtime library: torch guesses the
     parent of nvcc's folder, which is wrong where nvcc is installed outside the toolkit (/usr/local/bin)."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
     candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
     for root in candidates:
-        if any(os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib")):
+        runtime = any(os.path.exists(os.path.join(root, lib, "libcudart.so")) for lib in ("lib64", "lib"))
+        if runtime and os.path.exists(os.path.join(root, "bin", "nvcc")):
             os.environ["CUDA_HOME"] = root
             return
 
@@ -93,10 +93,10 @@ def cuda_plan():
     sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
     if torch.version.cuda is None:
         reason = f"torch {torch.__version__} is a CPU-only build"
-    elif cpp_extension.CUDA_HOME is None or (shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME")):
-        reason = "nvcc not found (set CUDA_HOME)"
+    elif cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        reason = f"nvcc not found (CUDA_HOME={cpp_extension.CUDA_HOME}; set CUDA_HOME to a toolkit with bin/nvcc)"
     elif not sources:
-        reason = "no CUDA sources in csrc/cuda yet"
+        reason = "no CUDA sources in csrc/cuda"
     else:
         return True, f"torch CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
     if os.environ.get("FORCE_CUDA") == "1":
