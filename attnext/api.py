@@ -16,6 +16,7 @@ _CAUSAL = {False: _ops.MASK_NONE, True: _ops.MASK_CAUSAL_TOP_LEFT, "top_left": _
            "bottom_right": _ops.MASK_CAUSAL_BOTTOM_RIGHT}
 _LAYOUTS = ("bhsd", "bshd")
 CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
 
 
 def _check_device(op, q):
@@ -126,6 +127,8 @@ def _cuda_unsupported(query, key, value):
     d = query.shape[-1]
     if d % 8 != 0 or not 8 <= d <= CUDA_MAX_HEAD_DIM:
         return f"head dim {d} on CUDA is not supported (supported: 8..{CUDA_MAX_HEAD_DIM}, multiple of 8)"
+    if query.dim() == 4 and max(query.shape[0], query.shape[1]) > CUDA_MAX_GRID:
+        return f"batch and query heads above {CUDA_MAX_GRID} on CUDA are not supported"
     if any(_ops._cuda_misaligned(t) for t in (query, key, value)):
         return "CUDA inputs need 16-byte aligned rows (strides that are multiples of 8 elements)"
     return None

@@ -55,6 +55,14 @@ struct Options {
   std::exit(2);
 }
 
+// A positive integer option value, or the usage message.
+int64_t positive(const std::string& option, const std::string& v) {
+  char* end = nullptr;
+  const long long x = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || x <= 0) usage(option + " " + v + " is not supported (supported: an integer >= 1)");
+  return x;
+}
+
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -65,14 +73,14 @@ Options parse(int argc, char** argv) {
     if (a == "--mode") o.mode = v;
     else if (a == "--dtype") o.dtype = v;
     else if (a == "--causal") o.causal = v;
-    else if (a == "--batch") o.batch = std::stoll(v);
-    else if (a == "--heads") o.heads = std::stoll(v);
-    else if (a == "--kv-heads") o.kv_heads = std::stoll(v);
-    else if (a == "--seq") o.seq_q = std::stoll(v);
-    else if (a == "--seq-k") o.seq_k = std::stoll(v);
-    else if (a == "--head-dim") o.head_dim = std::stoll(v);
-    else if (a == "--warmup") o.warmup = std::stoi(v);
-    else if (a == "--iters") o.iters = std::stoi(v);
+    else if (a == "--batch") o.batch = positive(a, v);
+    else if (a == "--heads") o.heads = positive(a, v);
+    else if (a == "--kv-heads") o.kv_heads = positive(a, v);
+    else if (a == "--seq") o.seq_q = positive(a, v);
+    else if (a == "--seq-k") o.seq_k = positive(a, v);
+    else if (a == "--head-dim") o.head_dim = positive(a, v);
+    else if (a == "--warmup") o.warmup = int(positive(a, v));
+    else if (a == "--iters") o.iters = int(positive(a, v));
     else usage("unknown option " + a);
   }
   if (o.mode != "fwd" && o.mode != "bwd") usage("--mode " + o.mode + " is not supported (supported: fwd, bwd)");
@@ -81,7 +89,9 @@ Options parse(int argc, char** argv) {
     usage("--causal " + o.causal + " is not supported (supported: none, top_left, bottom_right)");
   if (o.kv_heads == 0) o.kv_heads = o.heads;
   if (o.seq_k == 0) o.seq_k = o.seq_q;
-  if (o.iters < 1) usage("--iters must be at least 1");
+  if (o.heads % o.kv_heads != 0)
+    usage("--kv-heads " + std::to_string(o.kv_heads) + " is not supported (supported: divisors of --heads " +
+          std::to_string(o.heads) + ")");
   return o;
 }
 
