@@ -36,7 +36,7 @@ Nsight Compute (the kernels are C++ templates in namespace attnext::cuda, so mat
       --launch-count 1 --set full -o bwd python -m attnext.profile --mode bwd --iters 1
   # the same with NVTX:
   ncu --nvtx --nvtx-include "attnext.profile/" --kernel-name-base demangled --kernel-name regex:attnext \\
-      --launch-count 4 python -m attnext.profile --mode bwd --iters 1
+      --launch-count 3 python -m attnext.profile --mode bwd --iters 1
 Nsight Systems:
   nsys profile -t cuda,nvtx -o attnext python -m attnext.profile --mode bwd --iters 20
 On the CPU:

@@ -1,4 +1,4 @@
-// Shared by the torch binding files (CPU now, CUDA later): turning stable-ABI tensors into the kernel
+// Shared by the torch binding files (CPU and CUDA): turning stable-ABI tensors into the kernel
 // contract, with every input check and its message. Only files named csrc/torch_* include torch.
 #pragma once
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment in .venv with torch and the build and test tools, then builds and
 # installs attnext from this checkout (editable). Safe to run again: it only does what is missing.
-#   ATTNEXT_TORCH   the torch requirement to install (default: torch==2.14.1, the CUDA build: with nvcc on
-#                   PATH the CUDA module is compiled too; torch==2.13.0 is the CPU-only build)
+#   ATTNEXT_TORCH   the torch requirement to install (default: torch==2.14.1, a CUDA build: with nvcc on
+#                   PATH the CUDA module is compiled too)
 #   ATTNEXT_VENV    where the environment lives (default: .venv in the repository)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -184,7 +184,7 @@ def _stage_note(stage, results):
 
 
 def summarize(out):
-    """Writes OUT/gpu_check.json and OUT/summary.txt; returns the summary text."""
+    """Writes OUT/gpu_check.json and OUT/summary.txt; returns (summary text, exit code)."""
     stages = read_stages(out)
     results = {"info": _json(os.path.join(out, "info.json")),
                "pytest": pytest_summary(os.path.join(out, "pytest.xml")),

@@ -2,7 +2,8 @@
 // fibers, warp collectives computed lane by lane with the PTX ISA's fragment maps) and checked against the
 // double reference: forward, and backward with atomic and with deterministic dQ, for every head-dim bucket,
 // fp16 and bf16, odd sizes, both causal alignments, windows, GQA, the bshd layout and rows without keys.
-// What it cannot show: timing, races of asynchronous copies (they complete at once here), real hardware.
+// What it cannot show: timing and the hardware itself (copies land at their wait, warps drift between
+// barriers, so missing synchronisation does show).
 #include "emu_runtime.h"
 
 #include <random>
