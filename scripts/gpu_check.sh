@@ -58,12 +58,14 @@ run_stage() {  # name cap command...: runs it under a time limit, output to $OUT
 }
 
 skip_gpu_stages() {  # reason
-  local name
-  for name in pytest sanitizer bench; do record "$name" skipped "" 0 "$1"; done
+  local name tool tools
+  IFS=, read -r -a tools <<< "${GPU_CHECK_SANITIZERS:-memcheck}"
+  for name in pytest "${tools[@]/#/sanitizer-}" bench; do record "$name" skipped "" 0 "$1"; done
 }
 
 # gpu: torch's view of the machine
 gpu=""
+no_gpu_reason="skipped: no GPU"
 t0=$SECONDS
 if gpu=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' \
     2> "$OUT/gpu.log"); then
@@ -74,6 +76,7 @@ if gpu=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cu
   fi
 else
   record gpu FAIL 1 $(( SECONDS - t0 )) "$PY cannot import torch" "$OUT/gpu.log"
+  no_gpu_reason="skipped: torch does not import"
 fi
 
 # info: printed here, and kept as JSON
@@ -82,7 +85,7 @@ cp "$OUT/info.log" "$OUT/info.txt" 2> /dev/null && cat "$OUT/info.txt"
 "$PY" -m attnext.info --json > "$OUT/info.json" 2> /dev/null || true
 
 if [[ -z $gpu ]]; then
-  skip_gpu_stages "skipped: no GPU"
+  skip_gpu_stages "$no_gpu_reason"
 else
   run_stage pytest 100 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 
@@ -102,7 +105,7 @@ else
   limit=$(limit_for 600)
   read -r -a bench_extra <<< "${GPU_CHECK_BENCH_ARGS:-}"
   run_stage bench 600 "$PY" -m attnext.bench --suite gpu --device cuda --reps 7 --warmup 2 --slow-ms 15 \
-    --slow-reps 4 --time-limit $(( limit > 40 ? limit - 25 : 15 )) --json "$OUT/bench.json" \
+    --slow-reps 4 --time-limit $(( limit > 40 ? limit - 25 : limit / 2 )) --json "$OUT/bench.json" \
     --markdown "$OUT/bench.md" ${bench_extra[@]+"${bench_extra[@]}"}
 fi
 

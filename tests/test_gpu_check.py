@@ -33,7 +33,7 @@ def test_gpu_check_without_a_gpu(tmp_path):
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = {s["name"]: s for s in record["stages"]}
     assert stages["gpu"]["status"] == "skipped" and stages["info"]["status"] == "ok"
-    for name in ("pytest", "sanitizer", "bench"):
+    for name in ("pytest", "sanitizer-memcheck", "bench"):
         assert stages[name]["status"] == "skipped" and stages[name]["note"] == "skipped: no GPU"
     assert record["exit_code"] == 2 and record["info"]["self_test"]["ok"]
     last = proc.stdout.strip().splitlines()
