@@ -84,17 +84,10 @@ struct PairBackward {
     // and rows without a visible key give 0; so do the padding rows up to rows32).
     pair_gemm(rows, nk_pad, Dh, w.q_rp.data(), Dh, w.k_km.data(), nk_pad, w.s.data(), nk_pad, p.scale * kLog2e,
               false);
-    const bool full = tile_fully_visible(p.mask, i0, i1, j0, j0 + nk, p.seq_k);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* s = w.s.data() + r * nk_pad;
-      const int64_t i = i0 + r;
-      mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
-      const float lse = p.lse[row0 + r];
-      if (lse == kNegInf) { std::fill(s, s + nk_pad, 0.0f); continue; }
-      const __m512 shift = _mm512_set1_ps(lse * kLog2e);
-      for (int64_t c = 0; c < nk_pad; c += 16)
-        _mm512_storeu_ps(s + c, exp2_p(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift)));
-    }
+    probabilities_from_lse(p, w.s.data(), nk_pad, i0, rows, j0, nk, p.lse + row0, [nk_pad](float* s, float shift) {
+      const __m512 m = _mm512_set1_ps(shift);
+      for (int64_t c = 0; c < nk_pad; c += 16) _mm512_storeu_ps(s + c, exp2_p(_mm512_sub_ps(_mm512_loadu_ps(s + c), m)));
+    });
     std::fill(w.s.data() + rows * nk_pad, w.s.data() + rows32 * nk_pad, 0.0f);
 
     // dP = dO_i · Vjᵀ, then dS = scale · P ∘ (dP - Delta_i) in place, and as bf16 row pairs.

@@ -32,6 +32,22 @@ struct BwdLayout {
 
 // The fp32 FMA kernels of the backward over V, for storage type T: the operations on one key tile that
 // backward_kv_tile strings together (another unit may bring its own, backward_bf16_pairs.h).
+// P = 2^(S - lse_i · log2 e) in place over the base-2 score rows of the tile [i0, i0 + rows) x [j0, j0 + nk)
+// (row stride nk_pad), with the forward's lse from lse_rows: masked keys, and rows without a visible key
+// (lse = -inf), give 0. exp_row(s, shift) writes 2^(s - shift) over one row.
+template <class ExpRow>
+void probabilities_from_lse(const FwdParams& p, float* s_rows, int64_t nk_pad, int64_t i0, int64_t rows, int64_t j0,
+                            int64_t nk, const float* lse_rows, ExpRow exp_row) {
+  const bool full = tile_fully_visible(p.mask, i0, i0 + rows, j0, j0 + nk, p.seq_k);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = s_rows + r * nk_pad;
+    const int64_t i = i0 + r;
+    mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
+    if (lse_rows[r] == kNegInf) std::fill(s, s + nk_pad, 0.0f);
+    else exp_row(s, lse_rows[r] * kLog2e);
+  }
+}
+
 template <class V_, class T_>
 struct FmaBackward {
   using V = V_;
@@ -66,15 +82,8 @@ struct FmaBackward {
     // S = Qi · Kjᵀ in base 2, then P = 2^(S - lse_i · log2 e) with the forward's lse (masked keys give 0).
     gemm<V>(rows, nk_pad, D, w.q_s.data(), Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
     const int64_t row0 = (b * p.heads_q + h) * p.seq_q + i0;
-    const bool full = tile_fully_visible(p.mask, i0, i1, j0, j0 + nk, p.seq_k);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* s = w.s.data() + r * nk_pad;
-      const int64_t i = i0 + r;
-      mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
-      const float lse = p.lse[row0 + r];
-      if (lse == kNegInf) std::fill(s, s + nk_pad, 0.0f);
-      else exp2_row<V>(s, nk_pad, lse * kLog2e);
-    }
+    probabilities_from_lse(p, w.s.data(), nk_pad, i0, rows, j0, nk, p.lse + row0,
+                           [nk_pad](float* s, float shift) { exp2_row<V>(s, nk_pad, shift); });
 
     // dVj += Pᵀ · dO_i
     gemm<V>(nk, Dp, rows, w.s.data(), 1, nk_pad, w.do_p.data(), Dp, w.dv.data(), Dp, true);

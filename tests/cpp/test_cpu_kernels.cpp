@@ -46,6 +46,18 @@ std::vector<float> randn(size_t n, std::mt19937& rng) {
 
 Strides contiguous(int64_t h, int64_t s, int64_t d) { return {h * s * d, s * d, d}; }
 
+// cpu::backward of the forward p (same strides for the gradients as for the inputs), with its workspace.
+Status run_backward(const FwdParams& p, const void* dout, void* dq, void* dk, void* dv) {
+  BwdParams bp;
+  bp.fwd = p;
+  bp.dout = dout; bp.dq = dq; bp.dk = dk; bp.dv = dv;
+  bp.dout_stride = bp.dq_stride = p.q_stride;
+  bp.dk_stride = bp.dv_stride = p.k_stride;
+  std::vector<float> ws(cpu::backward_workspace_size(p));
+  bp.workspace = ws.data(); bp.workspace_floats = int64_t(ws.size());
+  return cpu::backward(bp);
+}
+
 // bf16 storage: round to nearest even (the test data has no NaN), and back.
 uint16_t to_bf16(float x) {
   uint32_t bits;
@@ -102,14 +114,8 @@ void check_bf16_backward(const reference::Shape& sh, FwdParams p, const std::vec
   p.q = qh.data(); p.k = kh.data(); p.v = vh.data(); p.out = outh.data(); p.lse = lse.data();
   p.dtype = DType::kBFloat16;
   expect(cpu::forward(p) == Status::kOk, name + ": bf16 forward status");
-  BwdParams bp;
-  bp.fwd = p;
-  bp.dout = doh.data(); bp.dq = dqh.data(); bp.dk = dkh.data(); bp.dv = dvh.data();
-  bp.dout_stride = bp.dq_stride = p.q_stride;
-  bp.dk_stride = bp.dv_stride = p.k_stride;
-  std::vector<float> ws(cpu::backward_workspace_size(p));
-  bp.workspace = ws.data(); bp.workspace_floats = int64_t(ws.size());
-  expect(cpu::backward(bp) == Status::kOk, name + ": bf16 backward status");
+  expect(run_backward(p, doh.data(), dqh.data(), dkh.data(), dvh.data()) == Status::kOk,
+         name + ": bf16 backward status");
   std::vector<double> ref[3];
   reference::backward(sh, qr.data(), kr.data(), vr.data(), dor.data(), scale, p.mask, ref[0], ref[1], ref[2]);
   const std::vector<uint16_t>* got[3] = {&dqh, &dkh, &dvh};
@@ -158,14 +164,7 @@ void run_case(reference::Shape sh, MaskKind kind, int64_t left, int64_t right, c
   check_bf16_forward(sh, p, q, k, v, scale, name);
   check_bf16_backward(sh, p, q, k, v, dout, scale, name);
 
-  BwdParams bp;
-  bp.fwd = p;
-  bp.dout = dout.data(); bp.dq = dq.data(); bp.dk = dk.data(); bp.dv = dv.data();
-  bp.dout_stride = bp.dq_stride = p.q_stride;
-  bp.dk_stride = bp.dv_stride = p.k_stride;
-  std::vector<float> ws(cpu::backward_workspace_size(p));
-  bp.workspace = ws.data(); bp.workspace_floats = int64_t(ws.size());
-  expect(cpu::backward(bp) == Status::kOk, name + ": backward status");
+  expect(run_backward(p, dout.data(), dq.data(), dk.data(), dv.data()) == Status::kOk, name + ": backward status");
   reference::backward(sh, q.data(), k.data(), v.data(), dout.data(), scale, mask, ref_dq, ref_dk, ref_dv);
   const double eq = max_abs_diff(dq, ref_dq), ek = max_abs_diff(dk, ref_dk), ev = max_abs_diff(dv, ref_dv);
   expect(eq < 1e-4 && ek < 1e-4 && ev < 1e-4,
