@@ -40,21 +40,53 @@ struct DecodeScratch {
         acc(L.rows * L.t.d_pad) {}
 };
 
+// The K and V rows a fixed distance ahead of the keys in use, requested from memory in address order a
+// little at a time: each call to next() (one per vector of K read) asks for as many bytes ahead as it
+// read, so the memory system always has the next rows in flight while the core computes (a burst of
+// requests would stall on the miss queue, then leave memory idle).
+template <class TK>
+struct RowsAhead {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0, rows = 0, row_bytes = 0, step = 0;  // strides and sizes in bytes
+  int64_t row = 0, byte = 0;
+  void next() {
+    if (row >= rows) return;
+    if (byte % 64 == 0) {
+      __builtin_prefetch(k + row * k_stride + byte, 0, 1);
+      __builtin_prefetch(v + row * v_stride + byte, 0, 1);
+    }
+    byte += step;
+    if (byte >= row_bytes) byte = 0, ++row;
+  }
+};
+
 // Sᵀ = Kj · Qᵀ for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
-// Each key row is read in order and widened once per W columns for all R rows; the W lane sums of a
-// vector come out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1 and
-// are masked later.
+// Per W columns, the R query chunks are loaded once and each of the W/R key chunks once (widened in
+// registers): W accumulators take R·(W/R) products with no chain between them, and the W lane sums of
+// the vector come out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1
+// and are masked later.
 template <class V, int R, class TK>
-void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t) {
+void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t,
+                RowsAhead<TK>& ahead) {
   constexpr int kKeys = V::W / R;
   for (int64_t j = 0; j < nk; j += kKeys) {
+    const TK* kj[kKeys];
+#pragma GCC unroll 16
+    for (int kk = 0; kk < kKeys; ++kk) kj[kk] = k + std::min(j + kk, nk - 1) * k_stride;
     typename V::T acc[V::W];
+#pragma GCC unroll 16
     for (auto& a : acc) a = V::zero();
-    for (int kk = 0; kk < kKeys; ++kk) {
-      const TK* kj = k + std::min(j + kk, nk - 1) * k_stride;
-      for (int64_t c = 0; c < Dp; c += V::W) {
-        const typename V::T k_c = load_float<V>(kj + c);
-        for (int r = 0; r < R; ++r) acc[kk * R + r] = V::fma(k_c, V::load(q + r * Dp + c), acc[kk * R + r]);
+    for (int64_t c = 0; c < Dp; c += V::W) {
+      typename V::T q_c[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) q_c[r] = V::load(q + r * Dp + c);
+#pragma GCC unroll 16
+      for (int kk = 0; kk < kKeys; ++kk) {
+        ahead.next();
+        const typename V::T k_c = load_float<V>(kj[kk] + c);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[kk * R + r] = V::fma(k_c, q_c[r], acc[kk * R + r]);
       }
     }
     V::store(s_t + j * R, transpose_sum<V>(acc));
@@ -62,10 +94,11 @@ void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const float* q, int64
 }
 
 template <class V, class TK>
-void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t) {
-  if (R == 1) return scores_dot<V, 1>(k, k_stride, nk, q, Dp, s_t);
-  if (R == 2) return scores_dot<V, 2>(k, k_stride, nk, q, Dp, s_t);
-  if constexpr (V::W >= 16) return scores_dot<V, 4>(k, k_stride, nk, q, Dp, s_t);
+void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t,
+                RowsAhead<TK>& ahead) {
+  if (R == 1) return scores_dot<V, 1>(k, k_stride, nk, q, Dp, s_t, ahead);
+  if (R == 2) return scores_dot<V, 2>(k, k_stride, nk, q, Dp, s_t, ahead);
+  if constexpr (V::W >= 16) return scores_dot<V, 4>(k, k_stride, nk, q, Dp, s_t, ahead);
 }
 
 // acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
@@ -154,27 +187,32 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
   const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R);
   const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
+  const int64_t elem = sizeof(T);
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
     const T* vj = v + j0 * p.v_stride.s;
     // Sᵀ = Kj · Qᵀ  (nk_pad x R, base-2 logits), kScoreKeys keys at a time. The stream from memory is
-    // the whole cost: with each chunk, the K and V rows kPrefetchKeys further on are requested, at the
-    // pace they are used (a whole tile at once would stall on the cache's miss queue).
+    // the whole cost: the K and V rows kPrefetchKeys further on are requested at the pace the current
+    // ones are read (in the dot form line by line, in the gemm form chunk by chunk).
     for (int64_t j = 0; j < nk; j += kScoreKeys) {
       const int64_t n = std::min(kScoreKeys, nk - j);
-      const int64_t ahead = std::min(n, j_last - (j0 + j + kPrefetchKeys));
-      if (ahead > 0) {
-        prefetch_rows(kj + (j + kPrefetchKeys) * p.k_stride.s, p.k_stride.s, ahead, D);
-        prefetch_rows(vj + (j + kPrefetchKeys) * p.v_stride.s, p.v_stride.s, ahead, D);
-      }
+      const int64_t n_ahead = std::clamp<int64_t>(j_last - (j0 + j + kPrefetchKeys), 0, n);
+      const T* k_ahead = kj + (j + kPrefetchKeys) * p.k_stride.s;
+      const T* v_ahead = vj + (j + kPrefetchKeys) * p.v_stride.s;
       float* s_j = w.s_t.data() + j * R;
+      if (L.dot_form && in_place) {
+        RowsAhead<T> ahead{reinterpret_cast<const char*>(k_ahead), reinterpret_cast<const char*>(v_ahead),
+                           p.k_stride.s * elem, p.v_stride.s * elem, n_ahead, D * elem, V::W * elem};
+        scores_dot<V>(R, kj + j * p.k_stride.s, p.k_stride.s, n, w.q.data(), Dp, s_j, ahead);
+        continue;
+      }
+      prefetch_rows(k_ahead, p.k_stride.s, n_ahead, D);
+      prefetch_rows(v_ahead, p.v_stride.s, n_ahead, D);
       if (L.dot_form) {
-        if (in_place) scores_dot<V>(R, kj + j * p.k_stride.s, p.k_stride.s, n, w.q.data(), Dp, s_j);
-        else {
-          pack_rows<V>(kj + j * p.k_stride.s, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
-          scores_dot<V>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, s_j);
-        }
+        RowsAhead<float> none;
+        pack_rows<V>(kj + j * p.k_stride.s, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
+        scores_dot<V>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, s_j, none);
       } else if constexpr (std::is_same_v<T, float>) {
         gemm<V>(n, R, D, kj + j * p.k_stride.s, p.k_stride.s, 1, w.q.data(), R, s_j, R, false);
       } else {
