@@ -180,21 +180,5 @@ inline void pair_gemm(int64_t M, int64_t N, int64_t K, const Pair* a, int64_t ld
   }
 }
 
-// 2^x for P: x = n + f with n = round(x), |f| <= 1/2; 2^f by a degree-5 polynomial (relative error below
-// 1e-7, far under P's bf16 rounding), times 2^n by vscalefps. x < -126 (masked scores: -inf) gives exactly 0.
-inline __m512 exp2_p(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3266970386e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6754597455e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507426160e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121754e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694916e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000710f));
-  const __mmask16 visible = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
-  return _mm512_maskz_scalef_ps(visible, p, n);
-}
-
-
 }  // namespace
 }  // namespace attnext::cpu

@@ -38,22 +38,19 @@ struct VecAvx512 {
     return _mm512_mask_blend_ps(high, a, b);
   }
 
-  // 2^x as in VecAvx2::exp2: round, degree-6 series of 2^f, exponent bits; x < -126 gives exactly 0.
+  // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by a degree-5 polynomial (relative error below
+  // 1e-7, about fp32's rounding), times 2^n by vscalefps. x < -126 (masked scores: -inf) gives exactly 0.
   static T exp2(T x) {
-    const T xc = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
-    const T n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const T f = _mm512_sub_ps(xc, n);
-    T p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const T r = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
-    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), r);
+    const T n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const T f = _mm512_sub_ps(x, n);
+    T p = _mm512_set1_ps(1.3266970386e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6754597455e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507426160e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121754e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694916e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000710f));
+    const __mmask16 visible = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+    return _mm512_maskz_scalef_ps(visible, p, n);
   }
 
   static T load_bf16(const uint16_t* p) {  // bf16 is the top half of an fp32
