@@ -10,12 +10,15 @@
 namespace attnext::cpu {
 namespace {
 
+// Per worker: Qiᵀ (head_dim x rows_pad, rows as vector lanes), Sᵀ (block_k x rows_pad), 16-bit K and V
+// rows widened to fp32, acc (block_q x d_pad), and m, l, alpha per row.
 template <class V>
 struct FwdScratch {
-  std::vector<float> q_s, acc, k_t, v_p, s, m, l;
+  int64_t rows_pad;
+  std::vector<float> q_t, s_t, k_p, v_p, acc, m, l, alpha;
   FwdScratch(const Tiling& t, int64_t d)
-      : q_s(t.block_q * t.d_pad), acc(t.block_q * t.d_pad), k_t(d * t.block_k), v_p(t.block_k * t.d_pad),
-        s(t.block_q * t.block_k), m(t.block_q), l(t.block_q) {}
+      : rows_pad(round_up(t.block_q, V::W)), q_t(d * rows_pad), s_t(t.block_k * rows_pad), k_p(t.block_k * t.d_pad),
+        v_p(t.block_k * t.d_pad), acc(t.block_q * t.d_pad), m(rows_pad), l(rows_pad), alpha(rows_pad) {}
 };
 
 // O_i = acc_i / l_i and lse_i = (m_i + log2 l_i) · ln 2 for the rows [i0, i0 + rows) of head (b, h); a row
@@ -64,17 +67,22 @@ inline bool softmax_row(const float* s, int64_t n, float& m, float& l, float* ac
   return true;
 }
 
+// The scores are computed transposed, Sᵀ = Kj · Qiᵀ, with the query rows as vector lanes: the online
+// softmax then runs down the columns (max, sum and the rescale factor of 16 rows per vector, no
+// horizontal reductions), K rows are broadcast as they lie (no transpose), and P · Vj reads P from Pᵀ.
 template <class V, class T>
 void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t b, int64_t h, int64_t i0,
                   int64_t i1) {
-  const int64_t D = p.head_dim, Dp = t.d_pad, rows = i1 - i0;
+  const int64_t D = p.head_dim, Dp = t.d_pad, rows = i1 - i0, ld_q = w.rows_pad;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  constexpr bool kFp32 = std::is_same_v<T, float>;
 
-  // Qi ← Q[i0:i1] · scale · log2(e): scores come out in base 2, so the softmax uses exp2.
-  pack_rows<V>(q + i0 * p.q_stride.s, p.q_stride.s, rows, D, p.scale * kLog2e, w.q_s.data(), Dp);
+  // Qiᵀ ← (Q[i0:i1] · scale · log2 e)ᵀ: scores come out in base 2, so the softmax uses exp2.
+  pack_transposed<V>(q + i0 * p.q_stride.s, p.q_stride.s, rows, D, w.q_t.data(), ld_q);
+  scale_row<V>(w.q_t.data(), D * ld_q, p.scale * kLog2e);
   std::fill(w.acc.begin(), w.acc.begin() + rows * Dp, 0.0f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
@@ -82,33 +90,46 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
   int64_t kv_begin, kv_end;
   tile_key_range(p.mask, i0, i1, p.seq_k, &kv_begin, &kv_end);
   for (int64_t j0 = kv_begin; j0 < kv_end; j0 += t.block_k) {
-    const int64_t nk = std::min(t.block_k, kv_end - j0), nk_pad = round_up(nk, V::W);
-    pack_transposed<V>(k + j0 * p.k_stride.s, p.k_stride.s, nk, D, w.k_t.data(), nk_pad);
-    pack_rows<V>(v + j0 * p.v_stride.s, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
-
-    // Only rows [r0, r1) of the tile see a key of this key tile; the others skip it untouched.
+    const int64_t nk = std::min(t.block_k, kv_end - j0);
+    // Only rows [r0, r1) of the tile see a key of this key tile; the lanes [c0, c1) around them are computed.
     const int64_t r0 = std::max<int64_t>(0, row_begin(p.mask, j0, p.seq_q) - i0);
     const int64_t r1 = std::min<int64_t>(rows, row_end(p.mask, j0 + nk - 1, p.seq_q) - i0);
     if (r1 <= r0) continue;
-    float* q_s = w.q_s.data() + r0 * Dp;
-    float* acc = w.acc.data() + r0 * Dp;
+    const int64_t c0 = r0 / V::W * V::W, c1 = round_up(r1, V::W), n_lanes = c1 - c0;
 
-    // S = Qi · Kjᵀ  ((r1 - r0) x nk_pad, base-2 logits)
-    gemm<V>(r1 - r0, nk_pad, D, q_s, Dp, 1, w.k_t.data(), nk_pad, w.s.data(), nk_pad, false);
+    // fp32 K rows are broadcast where they lie, and V rows read where they lie when no padding is needed;
+    // 16-bit ones are widened first.
+    const float* kb = w.k_p.data();
+    const float* vb = w.v_p.data();
+    int64_t k_ld = Dp, v_ld = Dp;
+    if constexpr (kFp32) {
+      kb = k + j0 * p.k_stride.s, k_ld = p.k_stride.s;
+      if (D == Dp) vb = v + j0 * p.v_stride.s, v_ld = p.v_stride.s;
+    }
+    if (kb == w.k_p.data()) pack_rows<V>(k + j0 * p.k_stride.s, p.k_stride.s, nk, D, 1.0f, w.k_p.data(), Dp);
+    if (vb == w.v_p.data()) pack_rows<V>(v + j0 * p.v_stride.s, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
 
-    // Online softmax per row (softmax_row), P = 2^(S - m_new) in place; rows that see no key yet get P = 0.
-    const bool full = tile_fully_visible(p.mask, i0 + r0, i0 + r1, j0, j0 + nk, p.seq_k);
-    for (int64_t r = r0; r < r1; ++r) {
-      float* s = w.s.data() + (r - r0) * nk_pad;
-      const int64_t i = i0 + r;
-      mask_row(s, j0, nk, nk_pad, key_begin(p.mask, i, p.seq_k), key_end(p.mask, i, p.seq_k), full);
-      const bool visible = softmax_row<V>(s, nk_pad, w.m[r], w.l[r], w.acc.data() + r * Dp, Dp,
-                                          [s, nk_pad](float m_new) { return exp2_row<V>(s, nk_pad, m_new); });
-      if (!visible) std::fill(s, s + nk_pad, 0.0f);
+    // Sᵀ = Kj · Qiᵀ  (nk x n_lanes, base-2 logits)
+    float* s_t = w.s_t.data();
+    gemm<V>(nk, n_lanes, D, kb, k_ld, 1, w.q_t.data() + c0, ld_q, s_t, n_lanes, false);
+
+    // Keys a lane may not see get -inf (only tiles on a mask boundary).
+    if (!tile_fully_visible(p.mask, i0 + c0, i0 + std::min(c1, rows), j0, j0 + nk, p.seq_k)) {
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t lo = std::clamp<int64_t>(row_begin(p.mask, j0 + j, p.seq_q) - i0, c0, c1);
+        const int64_t hi = std::clamp<int64_t>(row_end(p.mask, j0 + j, p.seq_q) - i0, lo, c1);
+        std::fill(s_t + j * n_lanes, s_t + j * n_lanes + (lo - c0), kNegInf);
+        std::fill(s_t + j * n_lanes + (hi - c0), s_t + (j + 1) * n_lanes, kNegInf);
+      }
     }
 
-    // acc += P · Vj
-    gemm<V>(r1 - r0, Dp, nk, w.s.data(), nk_pad, 1, w.v_p.data(), Dp, acc, Dp, true);
+    // Online softmax down each lane: m, l, alpha per row; Pᵀ = 2^(Sᵀ - m_new) in place.
+    online_softmax<V>(s_t, nk * n_lanes / V::W, n_lanes, w.m.data() + c0, w.l.data() + c0, w.alpha.data() + c0);
+    for (int64_t r = r0; r < r1; ++r)
+      if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
+
+    // acc[r0:r1] += P · Vj, P(r, j) = Pᵀ[j][r - c0]
+    gemm<V>(r1 - r0, Dp, nk, s_t + (r0 - c0), 1, n_lanes, vb, v_ld, w.acc.data() + r0 * Dp, Dp, true);
   }
 
   write_output<V, T>(p, w.acc.data(), Dp, w.m.data(), w.l.data(), b, h, i0, rows);
