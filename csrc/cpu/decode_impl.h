@@ -34,8 +34,9 @@ struct DecodeScratch {
   // q: Q · scale · log2 e, R rows of d_pad (dot form) or Qᵀ, head_dim rows of R (gemm form).
   // m, l, alpha: one period of the lane pattern of Sᵀ (max(R, W) floats).
   std::vector<float> q, k_p, v_p, s_t, m, l, alpha, acc;
+  std::vector<uint16_t> q_bits;  // the bf16 query rows as they are (dot form on bf16 pairs)
   explicit DecodeScratch(const DecodeLayout& L)
-      : q(L.R * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
+      : q(L.R * L.t.d_pad), q_bits(L.R * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
         s_t((L.t.block_k + V::W) * L.R), m(std::max<int64_t>(L.R, V::W)), l(m.size()), alpha(m.size()),
         acc(L.rows * L.t.d_pad) {}
 };
@@ -100,6 +101,47 @@ void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const floa
   if (R == 2) return scores_dot<V, 2>(k, k_stride, nk, q, Dp, s_t, ahead);
   if constexpr (V::W >= 16) return scores_dot<V, 4>(k, k_stride, nk, q, Dp, s_t, ahead);
 }
+
+#if defined(__AVX512BF16__)
+// The dot form for bf16 K on AVX512_BF16: Sᵀ = Kj · Qᵀ · mul with the K rows and the query rows (raw bf16,
+// q_bits: R rows of Dp) taken 32 at a time as bf16 pairs by vdpbf16ps, which sums each pair's two exact
+// products into an fp32 lane: half the instructions of the widened fp32 products and no widening. The
+// head dim must be a multiple of 32 (ahead.step: 64 bytes per call).
+template <int R>
+void scores_dot_pairs(const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_bits, int64_t Dp, float mul,
+                      float* s_t, RowsAhead<Bf16>& ahead) {
+  using V = VecAvx512;
+  constexpr int kKeys = V::W / R;
+  for (int64_t j = 0; j < nk; j += kKeys) {
+    const Bf16* kj[kKeys];
+#pragma GCC unroll 16
+    for (int kk = 0; kk < kKeys; ++kk) kj[kk] = k + std::min(j + kk, nk - 1) * k_stride;
+    __m512 acc[V::W];
+#pragma GCC unroll 16
+    for (auto& a : acc) a = V::zero();
+    for (int64_t c = 0; c < Dp; c += 2 * V::W) {
+      __m512bh q_c[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) q_c[r] = (__m512bh)_mm512_loadu_si512(q_bits + r * Dp + c);
+#pragma GCC unroll 16
+      for (int kk = 0; kk < kKeys; ++kk) {
+        ahead.next();
+        const __m512bh k_c = (__m512bh)_mm512_loadu_si512(kj[kk] + c);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[kk * R + r] = _mm512_dpbf16_ps(acc[kk * R + r], k_c, q_c[r]);
+      }
+    }
+    V::store(s_t + j * R, V::mul(transpose_sum<V>(acc), V::set1(mul)));
+  }
+}
+
+inline void scores_dot_pairs(int64_t R, const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_bits,
+                             int64_t Dp, float mul, float* s_t, RowsAhead<Bf16>& ahead) {
+  if (R == 1) return scores_dot_pairs<1>(k, k_stride, nk, q_bits, Dp, mul, s_t, ahead);
+  if (R == 2) return scores_dot_pairs<2>(k, k_stride, nk, q_bits, Dp, mul, s_t, ahead);
+  return scores_dot_pairs<4>(k, k_stride, nk, q_bits, Dp, mul, s_t, ahead);
+}
+#endif
 
 // acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
 // vectors of acc stay in registers over the whole key tile, and the Vj rows are read in order (whole rows
@@ -166,12 +208,20 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
 
-  // Q · scale · log2 e in the form the scores use; padding rows and columns are zero.
+  // Q · scale · log2 e in the form the scores use (or Q as it is, for bf16 pairs); padding rows and
+  // columns are zero.
+  const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
+  bool pairs = false;
+#if defined(__AVX512BF16__)
+  pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
+#endif
   std::fill(w.q.begin(), w.q.end(), 0.0f);
+  std::fill(w.q_bits.begin(), w.q_bits.end(), uint16_t{0});
   for (int64_t r = 0; r < L.rows; ++r) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
-    if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q.data() + r * Dp, Dp);
+    if (pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&w.q_bits[r * Dp + d], q + d, 2);
+    else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q.data() + r * Dp, Dp);
     else for (int64_t d = 0; d < D; ++d) w.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
   std::fill(w.m.begin(), w.m.end(), kNegInf);
@@ -186,8 +236,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t j_first = kv_begin + split * per_split * L.t.block_k;
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
   const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R);
-  const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
-  const int64_t elem = sizeof(T);
+  const int64_t elem = sizeof(T), step = pairs ? 64 : V::W * elem;  // bytes of a K row per vector read
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
@@ -203,7 +252,16 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       float* s_j = w.s_t.data() + j * R;
       if (L.dot_form && in_place) {
         RowsAhead<T> ahead{reinterpret_cast<const char*>(k_ahead), reinterpret_cast<const char*>(v_ahead),
-                           p.k_stride.s * elem, p.v_stride.s * elem, n_ahead, D * elem, V::W * elem};
+                           p.k_stride.s * elem, p.v_stride.s * elem, n_ahead, D * elem, step};
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, Bf16>) {
+          if (pairs) {
+            scores_dot_pairs(R, kj + j * p.k_stride.s, p.k_stride.s, n, w.q_bits.data(), Dp, p.scale * kLog2e, s_j,
+                             ahead);
+            continue;
+          }
+        }
+#endif
         scores_dot<V>(R, kj + j * p.k_stride.s, p.k_stride.s, n, w.q.data(), Dp, s_j, ahead);
         continue;
       }
