@@ -36,9 +36,9 @@ struct DecodeScratch {
   std::vector<float> q, k_p, v_p, s_t, m, l, alpha, acc;
   std::vector<uint16_t> q_bits;  // the bf16 query rows as they are (dot form on bf16 pairs)
   explicit DecodeScratch(const DecodeLayout& L)
-      : q(L.R * L.t.d_pad), q_bits(L.R * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
+      : q(L.R * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
         s_t((L.t.block_k + V::W) * L.R), m(std::max<int64_t>(L.R, V::W)), l(m.size()), alpha(m.size()),
-        acc(L.rows * L.t.d_pad) {}
+        acc(L.rows * L.t.d_pad), q_bits(L.R * L.t.d_pad) {}
 };
 
 // The K and V rows a fixed distance ahead of the keys in use, requested from memory in address order a
