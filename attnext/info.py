@@ -185,6 +185,11 @@ def _yes_no(value):
     return "yes" if value else "no"
 
 
+def _amount(value, unit):
+    """'12.5 MiB', or 'unknown' where this torch does not report the device property."""
+    return "unknown" if value is None else f"{value} {unit}"
+
+
 def format_text(info):
     """The human-readable report."""
     b, r, c, g = info["build"], info["runtime"], info["cpu"], info["gpu"]
@@ -232,9 +237,10 @@ def format_text(info):
         lines.append(f"  torch archs: {' '.join(g['torch_arch_list']) or 'unknown'}; cuDNN: {g['cudnn'] or 'none'}")
     for d in g["devices"]:
         lines.append(f"  cuda:{d['index']}: {d['name']}, compute capability {d['capability']}, "
-                     f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs, L2 {d['l2_cache_mib']} MiB, "
-                     f"shared memory {d['shared_memory_per_block_optin_kib']} KiB per block "
-                     f"({d['shared_memory_per_sm_kib']} per SM), {d['registers_per_sm']} registers per SM"
+                     f"{d['memory_gib']} GiB, {d['multiprocessors']} SMs, L2 {_amount(d['l2_cache_mib'], 'MiB')}, "
+                     f"shared memory {_amount(d['shared_memory_per_block_optin_kib'], 'KiB')} per block "
+                     f"({_amount(d['shared_memory_per_sm_kib'], 'KiB')} per SM), "
+                     f"{_amount(d['registers_per_sm'], 'registers')} per SM"
                      + (f", {d['clock_mhz']} MHz" if d["clock_mhz"] else ""))
         if "attnext_code" in d:
             lines.append(f"    attnext code for it: {d['attnext_code'] or 'NONE (no kernel image for this GPU)'}")

@@ -28,3 +28,17 @@ def test_info_reports_the_build_and_passes_its_self_test():
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert "ok" in json.dumps(info).lower()
+
+
+def test_info_names_device_properties_torch_does_not_report():
+    """Where torch lacks a device property, the text says so instead of printing None."""
+    from attnext import info as info_module
+
+    info = info_module.collect(run_self_test=False)
+    info["gpu"]["devices"] = [{"index": 0, "name": "Test GPU", "capability": "9.0", "memory_gib": 80.0,
+                               "multiprocessors": 132, "l2_cache_mib": None,
+                               "shared_memory_per_block_optin_kib": 227.0, "shared_memory_per_sm_kib": None,
+                               "registers_per_sm": None, "clock_mhz": None}]
+    line = next(l for l in info_module.format_text(info).splitlines() if l.strip().startswith("cuda:0"))
+    assert "None" not in line
+    assert "L2 unknown" in line and "227.0 KiB per block (unknown per SM)" in line and "unknown per SM" in line
