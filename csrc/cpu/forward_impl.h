@@ -67,6 +67,22 @@ inline bool softmax_row(const float* s, int64_t n, float& m, float& l, float* ac
   return true;
 }
 
+// Rows [0, n) of a K or V tile (n x cols, row stride `stride`) as fp32 with row stride *ld: where they lie
+// when they are fp32 (and, with whole_vectors, when cols needs no padding to ld_buf), else widened into buf.
+template <class V, class T>
+const float* fp32_rows(const T* src, int64_t stride, int64_t n, int64_t cols, bool whole_vectors, float* buf,
+                       int64_t ld_buf, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!whole_vectors || cols == ld_buf) {
+      *ld = stride;
+      return src;
+    }
+  }
+  pack_rows<V>(src, stride, n, cols, 1.0f, buf, ld_buf);
+  *ld = ld_buf;
+  return buf;
+}
+
 // The scores are computed transposed, Sᵀ = Kj · Qiᵀ, with the query rows as vector lanes: the online
 // softmax then runs down the columns (max, sum and the rescale factor of 16 rows per vector, no
 // horizontal reductions), K rows are broadcast as they lie (no transpose), and P · Vj reads P from Pᵀ.
@@ -78,7 +94,6 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
-  constexpr bool kFp32 = std::is_same_v<T, float>;
 
   // Qiᵀ ← (Q[i0:i1] · scale · log2 e)ᵀ: scores come out in base 2, so the softmax uses exp2.
   pack_transposed<V>(q + i0 * p.q_stride.s, p.q_stride.s, rows, D, w.q_t.data(), ld_q);
@@ -97,17 +112,11 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
     if (r1 <= r0) continue;
     const int64_t c0 = r0 / V::W * V::W, c1 = round_up(r1, V::W), n_lanes = c1 - c0;
 
-    // fp32 K rows are broadcast where they lie, and V rows read where they lie when no padding is needed;
+    // fp32 K rows are broadcast where they lie, V rows read where they lie when they need no padding;
     // 16-bit ones are widened first.
-    const float* kb = w.k_p.data();
-    const float* vb = w.v_p.data();
-    int64_t k_ld = Dp, v_ld = Dp;
-    if constexpr (kFp32) {
-      kb = k + j0 * p.k_stride.s, k_ld = p.k_stride.s;
-      if (D == Dp) vb = v + j0 * p.v_stride.s, v_ld = p.v_stride.s;
-    }
-    if (kb == w.k_p.data()) pack_rows<V>(k + j0 * p.k_stride.s, p.k_stride.s, nk, D, 1.0f, w.k_p.data(), Dp);
-    if (vb == w.v_p.data()) pack_rows<V>(v + j0 * p.v_stride.s, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
+    int64_t k_ld, v_ld;
+    const float* kb = fp32_rows<V>(k + j0 * p.k_stride.s, p.k_stride.s, nk, D, false, w.k_p.data(), Dp, &k_ld);
+    const float* vb = fp32_rows<V>(v + j0 * p.v_stride.s, p.v_stride.s, nk, D, true, w.v_p.data(), Dp, &v_ld);
 
     // Sᵀ = Kj · Qiᵀ  (nk x n_lanes, base-2 logits)
     float* s_t = w.s_t.data();
