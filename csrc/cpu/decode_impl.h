@@ -62,14 +62,40 @@ struct RowsAhead {
   }
 };
 
-// Sᵀ = Kj · Qᵀ for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
-// Per W columns, the R query chunks are loaded once and each of the W/R key chunks once (widened in
-// registers): W accumulators take R·(W/R) products with no chain between them, and the W lane sums of
-// the vector come out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1
-// and are masked later.
-template <class V, int R, class TK>
-void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t,
-                RowsAhead<TK>& ahead) {
+// The products of the dot form: K chunks widened to fp32 and FMA'd with the fp32 query rows (which carry
+// scale · log2 e), kCols columns per step.
+template <class V, class TK>
+struct WidenedDot {
+  using Q = float;
+  using Chunk = typename V::T;
+  static constexpr int kCols = V::W;
+  static Chunk load_q(const Q* q) { return V::load(q); }
+  static Chunk load_k(const TK* k) { return load_float<V>(k); }
+  static typename V::T add_product(typename V::T acc, Chunk k, Chunk q) { return V::fma(k, q, acc); }
+};
+
+#if defined(__AVX512BF16__)
+// bf16 K and query rows (raw bf16) taken 32 columns at a time as pairs by vdpbf16ps, which sums each
+// pair's two exact products into an fp32 lane: half the instructions of the widened products and no
+// widening; scale · log2 e multiplies the summed scores.
+struct PairDot {
+  using Q = uint16_t;
+  using Chunk = __m512bh;
+  static constexpr int kCols = 32;
+  static Chunk load_q(const Q* q) { return (__m512bh)_mm512_loadu_si512(q); }
+  static Chunk load_k(const Bf16* k) { return (__m512bh)_mm512_loadu_si512(k); }
+  static __m512 add_product(__m512 acc, Chunk k, Chunk q) { return _mm512_dpbf16_ps(acc, k, q); }
+};
+#endif
+
+// Sᵀ = Kj · Qᵀ · mul for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
+// Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
+// accumulators take R·(W/R) products with no chain between them, and the W lane sums of the vector come
+// out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1 and are masked
+// later. ahead.next() is called once per key chunk read.
+template <class V, class Dot, int R, class TK>
+void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp, float mul,
+                float* s_t, RowsAhead<TK>& ahead) {
   constexpr int kKeys = V::W / R;
   for (int64_t j = 0; j < nk; j += kKeys) {
     const TK* kj[kKeys];
@@ -78,70 +104,30 @@ void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const float* q, int64
     typename V::T acc[V::W];
 #pragma GCC unroll 16
     for (auto& a : acc) a = V::zero();
-    for (int64_t c = 0; c < Dp; c += V::W) {
-      typename V::T q_c[R];
+    for (int64_t c = 0; c < Dp; c += Dot::kCols) {
+      typename Dot::Chunk q_c[R];
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) q_c[r] = V::load(q + r * Dp + c);
-#pragma GCC unroll 16
-      for (int kk = 0; kk < kKeys; ++kk) {
-        ahead.next();
-        const typename V::T k_c = load_float<V>(kj[kk] + c);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) acc[kk * R + r] = V::fma(k_c, q_c[r], acc[kk * R + r]);
-      }
-    }
-    V::store(s_t + j * R, transpose_sum<V>(acc));
-  }
-}
-
-template <class V, class TK>
-void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const float* q, int64_t Dp, float* s_t,
-                RowsAhead<TK>& ahead) {
-  if (R == 1) return scores_dot<V, 1>(k, k_stride, nk, q, Dp, s_t, ahead);
-  if (R == 2) return scores_dot<V, 2>(k, k_stride, nk, q, Dp, s_t, ahead);
-  if constexpr (V::W >= 16) return scores_dot<V, 4>(k, k_stride, nk, q, Dp, s_t, ahead);
-}
-
-#if defined(__AVX512BF16__)
-// The dot form for bf16 K on AVX512_BF16: Sᵀ = Kj · Qᵀ · mul with the K rows and the query rows (raw bf16,
-// q_bits: R rows of Dp) taken 32 at a time as bf16 pairs by vdpbf16ps, which sums each pair's two exact
-// products into an fp32 lane: half the instructions of the widened fp32 products and no widening. The
-// head dim must be a multiple of 32 (ahead.step: 64 bytes per call).
-template <int R>
-void scores_dot_pairs(const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_bits, int64_t Dp, float mul,
-                      float* s_t, RowsAhead<Bf16>& ahead) {
-  using V = VecAvx512;
-  constexpr int kKeys = V::W / R;
-  for (int64_t j = 0; j < nk; j += kKeys) {
-    const Bf16* kj[kKeys];
-#pragma GCC unroll 16
-    for (int kk = 0; kk < kKeys; ++kk) kj[kk] = k + std::min(j + kk, nk - 1) * k_stride;
-    __m512 acc[V::W];
-#pragma GCC unroll 16
-    for (auto& a : acc) a = V::zero();
-    for (int64_t c = 0; c < Dp; c += 2 * V::W) {
-      __m512bh q_c[R];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) q_c[r] = (__m512bh)_mm512_loadu_si512(q_bits + r * Dp + c);
+      for (int r = 0; r < R; ++r) q_c[r] = Dot::load_q(q + r * Dp + c);
 #pragma GCC unroll 16
       for (int kk = 0; kk < kKeys; ++kk) {
         ahead.next();
-        const __m512bh k_c = (__m512bh)_mm512_loadu_si512(kj[kk] + c);
+        const typename Dot::Chunk k_c = Dot::load_k(kj[kk] + c);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) acc[kk * R + r] = _mm512_dpbf16_ps(acc[kk * R + r], k_c, q_c[r]);
+        for (int r = 0; r < R; ++r) acc[kk * R + r] = Dot::add_product(acc[kk * R + r], k_c, q_c[r]);
       }
     }
-    V::store(s_t + j * R, V::mul(transpose_sum<V>(acc), V::set1(mul)));
+    const typename V::T sums = transpose_sum<V>(acc);
+    V::store(s_t + j * R, mul == 1.0f ? sums : V::mul(sums, V::set1(mul)));
   }
 }
 
-inline void scores_dot_pairs(int64_t R, const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_bits,
-                             int64_t Dp, float mul, float* s_t, RowsAhead<Bf16>& ahead) {
-  if (R == 1) return scores_dot_pairs<1>(k, k_stride, nk, q_bits, Dp, mul, s_t, ahead);
-  if (R == 2) return scores_dot_pairs<2>(k, k_stride, nk, q_bits, Dp, mul, s_t, ahead);
-  return scores_dot_pairs<4>(k, k_stride, nk, q_bits, Dp, mul, s_t, ahead);
+template <class V, class Dot, class TK>
+void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp,
+                float mul, float* s_t, RowsAhead<TK>& ahead) {
+  if (R == 1) return scores_dot<V, Dot, 1>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
+  if (R == 2) return scores_dot<V, Dot, 2>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
+  if constexpr (V::W >= 16) return scores_dot<V, Dot, 4>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
 }
-#endif
 
 // acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
 // vectors of acc stay in registers over the whole key tile, and the Vj rows are read in order (whole rows
@@ -253,16 +239,16 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       if (L.dot_form && in_place) {
         RowsAhead<T> ahead{reinterpret_cast<const char*>(k_ahead), reinterpret_cast<const char*>(v_ahead),
                            p.k_stride.s * elem, p.v_stride.s * elem, n_ahead, D * elem, step};
+        const T* k_j = kj + j * p.k_stride.s;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, Bf16>) {
           if (pairs) {
-            scores_dot_pairs(R, kj + j * p.k_stride.s, p.k_stride.s, n, w.q_bits.data(), Dp, p.scale * kLog2e, s_j,
-                             ahead);
+            scores_dot<V, PairDot>(R, k_j, p.k_stride.s, n, w.q_bits.data(), Dp, p.scale * kLog2e, s_j, ahead);
             continue;
           }
         }
 #endif
-        scores_dot<V>(R, kj + j * p.k_stride.s, p.k_stride.s, n, w.q.data(), Dp, s_j, ahead);
+        scores_dot<V, WidenedDot<V, T>>(R, k_j, p.k_stride.s, n, w.q.data(), Dp, 1.0f, s_j, ahead);
         continue;
       }
       prefetch_rows(k_ahead, p.k_stride.s, n_ahead, D);
@@ -270,7 +256,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       if (L.dot_form) {
         RowsAhead<float> none;
         pack_rows<V>(kj + j * p.k_stride.s, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
-        scores_dot<V>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, s_j, none);
+        scores_dot<V, WidenedDot<V, float>>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, 1.0f, s_j, none);
       } else if constexpr (std::is_same_v<T, float>) {
         gemm<V>(n, R, D, kj + j * p.k_stride.s, p.k_stride.s, 1, w.q.data(), R, s_j, R, false);
       } else {
