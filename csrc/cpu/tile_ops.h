@@ -100,22 +100,30 @@ inline void prefetch_rows(const T* src, int64_t row_stride, int64_t rows, int64_
 
 // Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
 // broadcast from memory and B rows loaded as vectors (16-bit B widened in registers). The accumulators
-// stay in registers for all K.
+// stay in registers for all K; every loop over R or NV is unrolled so that the compiler keeps acc in
+// registers from the first load to the last store (a rolled loop sends it through the stack).
 template <class V, int R, int NV, class TB = float>
 inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const TB* b, int64_t ldb,
                        float* c, int64_t ldc, bool accumulate) {
   typename V::T acc[R][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? V::load(c + r * ldc + v * V::W) : V::zero();
   for (int64_t k = 0; k < K; ++k) {
     typename V::T bk[NV];
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) bk[v] = load_float<V>(b + k * ldb + v * V::W);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const typename V::T ar = V::set1(a[r * a_rs + k * a_cs]);
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(ar, bk[v], acc[r][v]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) V::store(c + r * ldc + v * V::W, acc[r][v]);
 }
 
