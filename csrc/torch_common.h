@@ -35,20 +35,32 @@ void check(bool cond, const Args&... args) {
   if (!cond) fail(args...);
 }
 
-inline std::string dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return "float32";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Double: return "float64";
-    case ScalarType::Byte: return "uint8";
-    case ScalarType::Char: return "int8";
-    case ScalarType::Short: return "int16";
-    case ScalarType::Int: return "int32";
-    case ScalarType::Long: return "int64";
-    case ScalarType::Bool: return "bool";
-    default: return torch::headeronly::toString(t);
+// Message pieces that are formatted only when a message is written: check() takes its arguments on every
+// call, and building strings there would cost each call microseconds.
+struct DtypeText { ScalarType t; };
+inline DtypeText dtype_text(ScalarType t) { return {t}; }
+inline std::ostream& operator<<(std::ostream& os, DtypeText d) {
+  switch (d.t) {
+    case ScalarType::Float: return os << "float32";
+    case ScalarType::Half: return os << "float16";
+    case ScalarType::BFloat16: return os << "bfloat16";
+    case ScalarType::Double: return os << "float64";
+    case ScalarType::Byte: return os << "uint8";
+    case ScalarType::Char: return os << "int8";
+    case ScalarType::Short: return os << "int16";
+    case ScalarType::Int: return os << "int32";
+    case ScalarType::Long: return os << "int64";
+    case ScalarType::Bool: return os << "bool";
+    default: return os << torch::headeronly::toString(d.t);
   }
+}
+
+struct ShapeText { const Tensor& t; };
+inline ShapeText shape_text(const Tensor& t) { return {t}; }
+inline std::ostream& operator<<(std::ostream& os, ShapeText s) {
+  os << "(";
+  for (int64_t i = 0; i < s.t.dim(); ++i) os << (i ? ", " : "") << s.t.size(i);
+  return os << ")";
 }
 
 inline DType to_dtype(const char* op, ScalarType t) {
@@ -56,16 +68,8 @@ inline DType to_dtype(const char* op, ScalarType t) {
     case ScalarType::Float: return DType::kFloat32;
     case ScalarType::Half: return DType::kFloat16;
     case ScalarType::BFloat16: return DType::kBFloat16;
-    default: fail(op, ": dtype ", dtype_name(t), " is not supported (supported: float32, float16, bfloat16)");
+    default: fail(op, ": dtype ", dtype_text(t), " is not supported (supported: float32, float16, bfloat16)");
   }
-}
-
-inline std::string shape_string(const Tensor& t) {
-  std::ostringstream os;
-  os << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
-  os << ")";
-  return os.str();
 }
 
 // A 4-D tensor read as (batch, head, seq, dim): bhsd is the tensor's own order, bshd swaps axes 1 and 2.
@@ -76,7 +80,7 @@ struct View4 {
 
 inline View4 view4(const char* op, const char* name, const Tensor& t, bool bshd) {
   check(t.dim() == 4, op, ": ", name, " must be a 4-D tensor ", bshd ? "(batch, seq, heads, head_dim)" :
-        "(batch, heads, seq, head_dim)", ", got shape ", shape_string(t));
+        "(batch, heads, seq, head_dim)", ", got shape ", shape_text(t));
   check(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim (stride 1), got stride ",
         t.stride(3));
   const int h = bshd ? 2 : 1, s = bshd ? 1 : 2;
@@ -94,8 +98,8 @@ inline FwdParams forward_params(const char* op, const Tensor& q, const Tensor& k
                                 int64_t mask_kind, int64_t window_left, int64_t window_right, bool bshd) {
   const View4 vq = view4(op, "q", q, bshd), vk = view4(op, "k", k, bshd), vv = view4(op, "v", v, bshd);
   check(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-        ": q, k and v must have the same dtype, got ", dtype_name(q.scalar_type()), ", ",
-        dtype_name(k.scalar_type()), ", ", dtype_name(v.scalar_type()));
+        ": q, k and v must have the same dtype, got ", dtype_text(q.scalar_type()), ", ",
+        dtype_text(k.scalar_type()), ", ", dtype_text(v.scalar_type()));
   check(k.get_device() == q.get_device() && v.get_device() == q.get_device() && k.is_cuda() == q.is_cuda() &&
             v.is_cuda() == q.is_cuda(),
         op, ": q, k and v must be on the same device");
@@ -103,8 +107,8 @@ inline FwdParams forward_params(const char* op, const Tensor& q, const Tensor& k
         ", v ", vv.batch);
   check(vk.dim == vq.dim && vv.dim == vq.dim, op, ": head dims differ: q ", vq.dim, ", k ", vk.dim, ", v ", vv.dim,
         " (q, k and v must share one head dim)");
-  check(vk.heads == vv.heads && vk.seq == vv.seq, op, ": k and v shapes differ: k ", shape_string(k), ", v ",
-        shape_string(v));
+  check(vk.heads == vv.heads && vk.seq == vv.seq, op, ": k and v shapes differ: k ", shape_text(k), ", v ",
+        shape_text(v));
   check(vk.heads > 0 ? vq.heads % vk.heads == 0 : vq.heads == 0, op, ": query heads ", vq.heads,
         " must be a multiple of key/value heads ", vk.heads);
   check(window_left >= -1 && window_right >= -1, op, ": window (", window_left, ", ", window_right,
@@ -137,18 +141,18 @@ inline void backward_params(BwdParams& bp, const char* op, const char* device, c
   const View4 vo = view4(op, "out", out, bshd), vd = view4(op, "grad_out", dout, bshd);
   check(vo.batch == p.batch && vo.heads == p.heads_q && vo.seq == p.seq_q && vo.dim == p.head_dim &&
             vd.batch == p.batch && vd.heads == p.heads_q && vd.seq == p.seq_q && vd.dim == p.head_dim,
-        op, ": out ", shape_string(out), " and grad_out ", shape_string(dout), " must have q's shape ",
-        shape_string(q));
+        op, ": out ", shape_text(out), " and grad_out ", shape_text(dout), " must have q's shape ",
+        shape_text(q));
   check(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), op,
-        ": out and grad_out must have q's dtype ", dtype_name(q.scalar_type()), ", got ",
-        dtype_name(out.scalar_type()), " and ", dtype_name(dout.scalar_type()));
+        ": out and grad_out must have q's dtype ", dtype_text(q.scalar_type()), ", got ",
+        dtype_text(out.scalar_type()), " and ", dtype_text(dout.scalar_type()));
   auto same_device = [&](const Tensor& t) { return t.is_cuda() == q.is_cuda() && t.get_device() == q.get_device(); };
   check(same_device(out) && same_device(dout) && same_device(lse), op, ": out, grad_out and lse must be ", device,
         " tensors on q's device");
   check(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == p.batch &&
             lse.size(1) == p.heads_q && lse.size(2) == p.seq_q && lse.is_contiguous(),
         op, ": lse must be a contiguous float32 tensor of shape (", p.batch, ", ", p.heads_q, ", ", p.seq_q,
-        "), got ", dtype_name(lse.scalar_type()), " ", shape_string(lse));
+        "), got ", dtype_text(lse.scalar_type()), " ", shape_text(lse));
   bp.fwd.out = const_cast<void*>(out.const_data_ptr());
   bp.fwd.out_stride = vo.stride;
   bp.fwd.lse = static_cast<float*>(const_cast<void*>(lse.const_data_ptr()));
@@ -157,7 +161,7 @@ inline void backward_params(BwdParams& bp, const char* op, const char* device, c
               dlse->size(0) == p.batch && dlse->size(1) == p.heads_q && dlse->size(2) == p.seq_q &&
               dlse->is_contiguous(),
           op, ": dlse must be a contiguous float32 ", device, " tensor shaped like lse, got ",
-          dtype_name(dlse->scalar_type()), " ", shape_string(*dlse));
+          dtype_text(dlse->scalar_type()), " ", shape_text(*dlse));
     bp.dlse = static_cast<const float*>(dlse->const_data_ptr());
   }
   bp.dout = dout.const_data_ptr();
