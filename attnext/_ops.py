@@ -2,6 +2,7 @@
 
 The ops themselves (schemas and CPU/CUDA kernels) live in C++ under torch.ops.attnext:
   fwd(q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic=False) -> (out, lse)
+  fwd_inference(the same arguments) -> (out, lse): fwd without autograd, for calls that need no gradient
   bwd(dout, q, k, v, out, lse, dlse, scale, mask_kind, window_left, window_right, bshd, deterministic)
       -> (dq, dk, dv)
 """
@@ -36,6 +37,7 @@ def _bhs(t, bshd):
     return (t.shape[0], t.shape[2], t.shape[1]) if bshd else (t.shape[0], t.shape[1], t.shape[2])
 
 
+@torch.library.register_fake("attnext::fwd_inference")
 @torch.library.register_fake("attnext::fwd")
 def _fwd_fake(q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic=False):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attnext.attention: inputs must be 4-D")

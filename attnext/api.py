@@ -1,6 +1,8 @@
 """Public attention functions: attnext's own API, a drop-in for torch's SDPA, and a FlashAttention-shaped one.
 
-All three reach the same op, torch.ops.attnext.fwd, with autograd and torch.compile support.
+All three reach the same op, torch.ops.attnext.fwd, with autograd and torch.compile support; a call that
+needs no gradient (grad mode off, or no input requiring grad) takes torch.ops.attnext.fwd_inference, the
+same kernel without the autograd layer.
 """
 
 import math
@@ -78,8 +80,10 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
     kind, left, right = _mask_args(op, causal, window_size)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fwd = torch.ops.attnext.fwd.default if grad else torch.ops.attnext.fwd_inference.default
     with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, layout == "bshd"):
-        out, lse = torch.ops.attnext.fwd(q, k, v, float(scale), kind, left, right, layout == "bshd", deterministic)
+        out, lse = fwd(q, k, v, float(scale), kind, left, right, layout == "bshd", deterministic)
     return (out, lse) if return_lse else out
 
 

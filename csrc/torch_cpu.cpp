@@ -78,6 +78,7 @@ double cpu_fma_peak(int64_t iters) {
 
 STABLE_TORCH_LIBRARY_IMPL(attnext, CPU, m) {
   m.impl("fwd", TORCH_BOX(&attnext::binding::fwd_cpu));
+  m.impl("fwd_inference", TORCH_BOX(&attnext::binding::fwd_cpu));
   m.impl("bwd", TORCH_BOX(&attnext::binding::bwd_cpu));
 }
 

@@ -94,6 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_cuda(Tensor dout, Tensor q, Tensor k, Ten
 
 STABLE_TORCH_LIBRARY_IMPL(attnext, CUDA, m) {
   m.impl("fwd", TORCH_BOX(&attnext::binding::fwd_cuda));
+  m.impl("fwd_inference", TORCH_BOX(&attnext::binding::fwd_cuda));
   m.impl("bwd", TORCH_BOX(&attnext::binding::bwd_cuda));
 }
 

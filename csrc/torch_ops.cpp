@@ -10,6 +10,10 @@ STABLE_TORCH_LIBRARY(attnext, m) {
   // deterministic is not used by the forward (always deterministic); autograd hands it to bwd.
   m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, int mask_kind, int window_left, int window_right, "
         "bool bshd, bool deterministic=False) -> (Tensor out, Tensor lse)");
+  // fwd without an autograd formula, for calls that need no gradient (inference, decoding): the
+  // dispatcher then goes straight to the kernel instead of through fwd's Python autograd registration.
+  m.def("fwd_inference(Tensor q, Tensor k, Tensor v, float scale, int mask_kind, int window_left, "
+        "int window_right, bool bshd, bool deterministic=False) -> (Tensor out, Tensor lse)");
   // dlse: optional gradient of lse (for callers that differentiate through it), else zero.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, float scale, "
         "int mask_kind, int window_left, int window_right, bool bshd, bool deterministic) "

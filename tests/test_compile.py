@@ -33,6 +33,8 @@ def test_opcheck_fwd(sample, dtype):
     torch.library.opcheck(torch.ops.attnext.fwd, (q, k, v, *rest, False))
     torch.library.opcheck(torch.ops.attnext.fwd, (q.detach(), k.detach(), v.detach(), *rest),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.attnext.fwd_inference, (q.detach(), k.detach(), v.detach(), *rest),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("with_dlse", [False, True])
@@ -44,6 +46,33 @@ def test_opcheck_bwd(sample, dtype, with_dlse):
     out, lse = torch.ops.attnext.fwd(q, k, v, *rest)
     dlse = torch.randn_like(lse) if with_dlse else None
     torch.library.opcheck(torch.ops.attnext.bwd, (torch.randn_like(out), q, k, v, out, lse, dlse, *rest, True))
+
+
+class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["grad", "no_grad", "inputs_without_grad", "inference_mode"])
+def test_inference_op_when_no_gradient_is_needed(case):
+    """A call that needs no gradient goes to fwd_inference (no autograd layer), with the same result as fwd;
+    one that does goes to fwd and has a grad_fn."""
+    q, k, v = make_qkv(1, 4, 2, 9, 13, 16)
+    if case != "inputs_without_grad":
+        q.requires_grad_()
+    want, _ = torch.ops.attnext.fwd(q.detach(), k, v, 0.25, 2, -1, -1, False)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(case, torch.enable_grad)
+    with context(), _SeenOps() as mode:
+        out = attnext.attention(q, k, v, causal="bottom_right", scale=0.25)
+    expected = torch.ops.attnext.fwd.default if case == "grad" else torch.ops.attnext.fwd_inference.default
+    assert expected in mode.seen
+    assert (out.grad_fn is not None) == (case == "grad")
+    assert torch.equal(out.detach(), want)
 
 
 def test_fake_shapes():
