@@ -30,14 +30,15 @@ inline Tiling choose_tiling(int64_t seq_q, int64_t head_dim) {
 
 // Tiles of the FMA forward (forward_impl.h), which computes Sᵀ = Kj · Qiᵀ with the query rows as lanes.
 // Long key tiles (256 keys) amortise each tile's fixed work (rescaling acc, the micro-kernel's loads and
-// stores of C) and short query tiles keep Sᵀ (block_q x block_k fp32) within 64 KiB. fp32 uses 32 rows
-// when a mask bounds the keys (a diagonal tile then wastes at most a 32 x 32 triangle) or D > 128;
-// 16-bit K/V are widened once per tile, so 64 rows share that work. Past D = 256 the L2 sizes above.
-// Chosen by measurement on a Zen 4 core (+5-10% over 256 x 64 at D = 32-256, causal up to +16%).
+// stores of C) and short query tiles keep Sᵀ (block_q x block_k fp32) within 64 KiB. fp32 uses 16 rows
+// when a mask bounds the keys (a diagonal tile then wastes at most a 16 x 16 triangle), else 32 rows for
+// D > 128 and 64 up to it; 16-bit K/V are widened once per tile, so 64 rows share that work. Past D = 256
+// the L2 sizes above. Chosen by measurement on a Zen 4 core (+5-10% over 256 x 64 at D = 32-256, causal
+// +10-20%).
 inline Tiling choose_forward_tiling(int64_t seq_q, int64_t head_dim, bool fp32, bool masked) {
   Tiling t = choose_tiling(seq_q, head_dim);
   if (head_dim > 256) return t;
-  const int64_t rows = fp32 && (masked || head_dim > 128) ? 32 : 64;
+  const int64_t rows = !fp32 ? 64 : masked ? 16 : head_dim > 128 ? 32 : 64;
   t.block_q = std::max<int64_t>(1, std::min<int64_t>(rows, seq_q));
   t.block_k = 256;
   return t;
