@@ -16,9 +16,10 @@ struct Tiling {
   int64_t d_pad;    // head dim padded to 16 floats, the widest vector unit
 };
 
-// Tall query tiles amortise packing each key tile (a transpose of Kj) over many rows; the sizes keep
-// Qi, acc, S, Kj and Vj (fp32) within a 512 KiB L2: 256 rows up to D = 128, 128 up to 256, then 64
-// rows and 32-key tiles.
+// The tiles of the backward (and the workspace it needs), the decode and the base of the pair kernels:
+// tall query tiles amortise packing each key tile (a transpose of Kj) over many rows; the sizes keep Qi,
+// acc, S, Kj and Vj (fp32) within a 512 KiB L2: 256 rows up to D = 128, 128 up to 256, then 64 rows and
+// 32-key tiles. The FMA forward has its own (choose_forward_tiling).
 inline Tiling choose_tiling(int64_t seq_q, int64_t head_dim) {
   Tiling t;
   const int64_t rows = head_dim <= 128 ? 256 : head_dim <= 256 ? 128 : 64;
