@@ -32,9 +32,8 @@ inline float exp2_row_pairs(const float* s, int64_t n, float shift, Pair* p) {
 // 256-key tiles without a mask; with one, 128-key tiles waste less of the tiles on its boundary.
 inline Tiling choose_pair_tiling(const FwdParams& p) {
   Tiling t = choose_tiling(p.seq_q, p.head_dim);
-  const bool masked = p.mask.left >= 0 || p.mask.right >= 0;
   t.block_q = std::max<int64_t>(1, std::min<int64_t>(p.head_dim <= 256 ? 256 : 128, p.seq_q));
-  t.block_k = p.head_dim <= 256 && !masked ? 256 : 128;
+  t.block_k = p.head_dim <= 256 && !hides_keys(p.mask) ? 256 : 128;
   return t;
 }
 

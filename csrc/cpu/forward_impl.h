@@ -147,9 +147,7 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
 template <class V, class T>
 void forward_typed(const FwdParams& p) {
   if (use_decode(p)) return decode_typed<V, T>(p);
-  const bool masked = p.mask.left >= 0 || p.mask.right >= 0;
-  const Tiling t = choose_forward_tiling(p.seq_q, p.head_dim, std::is_same_v<T, float>, masked);
-  for_each_query_tile<FwdScratch<V>, forward_tile<V, T>>(p, t);
+  for_each_query_tile<FwdScratch<V>, forward_tile<V, T>>(p, choose_forward_tiling(p, std::is_same_v<T, float>));
 }
 
 template <class V>

@@ -36,11 +36,11 @@ inline Tiling choose_tiling(int64_t seq_q, int64_t head_dim) {
 // D > 128 and 64 up to it; 16-bit K/V are widened once per tile, so 64 rows share that work. Past D = 256
 // the L2 sizes above. Chosen by measurement on a Zen 4 core (+5-10% over 256 x 64 at D = 32-256, causal
 // +10-20%).
-inline Tiling choose_forward_tiling(int64_t seq_q, int64_t head_dim, bool fp32, bool masked) {
-  Tiling t = choose_tiling(seq_q, head_dim);
-  if (head_dim > 256) return t;
-  const int64_t rows = !fp32 ? 64 : masked ? 16 : head_dim > 128 ? 32 : 64;
-  t.block_q = std::max<int64_t>(1, std::min<int64_t>(rows, seq_q));
+inline Tiling choose_forward_tiling(const FwdParams& p, bool fp32) {
+  Tiling t = choose_tiling(p.seq_q, p.head_dim);
+  if (p.head_dim > 256) return t;
+  const int64_t rows = !fp32 ? 64 : hides_keys(p.mask) ? 16 : p.head_dim > 128 ? 32 : 64;
+  t.block_q = std::max<int64_t>(1, std::min<int64_t>(rows, p.seq_q));
   t.block_k = 256;
   return t;
 }

@@ -35,6 +35,9 @@ ATTNEXT_HD inline MaskSpec make_mask(MaskKind kind, int64_t seq_q, int64_t seq_k
   return m;
 }
 
+// Whether some row may not see some key (causal or window; a plain mask hides nothing).
+ATTNEXT_HD inline bool hides_keys(const MaskSpec& m) { return m.left >= 0 || m.right >= 0; }
+
 ATTNEXT_HD inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 ATTNEXT_HD inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
