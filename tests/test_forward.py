@@ -29,6 +29,19 @@ def test_long_sequences(cpu_unit, sq, sk, causal, dtype):
     check_attention(q, k, v, causal=causal)
 
 
+# K and V of a head at 8 MiB or more (times the threads): the forward shares each key tile among a run of
+# query tiles (tiling.h, forward_query_group); the runs end ragged at 300, 203 and 517 rows.
+@pytest.mark.parametrize("dtype,sq,d,threads", [
+    (torch.float32, 300, 128, 1),
+    (torch.float16, 203, 256, 1),
+    (torch.bfloat16, 517, 128, 2),
+], ids=str)
+def test_long_keys_shared_by_query_tiles(cpu_unit, restore_threads, dtype, sq, d, threads):
+    torch.set_num_threads(threads)
+    q, k, v = make_qkv(1, 2, 1, sq, 8192, d, dtype)
+    check_attention(q, k, v, what=f"{threads} threads")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sq,sk,causal,window", [
     (1025, 1023, False, (100, 50)),
