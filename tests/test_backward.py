@@ -18,6 +18,16 @@ def test_lse_gradient(cpu_unit, dtype, causal, window):
     check_attention(q, k, v, causal=causal, window_size=window, dlse=True)
 
 
+# The backward's key tiles depend on the mask and the length (backward_impl.h, FmaBackward::tiling): 256
+# keys without a mask, 64 under one up to Sq = 2048 and 128 beyond; these cases end ragged on each.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,sk,causal", [(2049, 2100, "bottom_right"), (2100, 2049, "top_left"),
+                                          (600, 1037, False)])
+def test_key_tile_lengths(cpu_unit, dtype, sq, sk, causal):
+    q, k, v = make_qkv(1, 2, 1, sq, sk, 40, dtype)
+    check_attention(q, k, v, causal=causal, dlse=True)
+
+
 def test_lse_only_loss(cpu_unit):
     """A loss of lse alone (out unused): the backward gets no grad_out; dv is 0."""
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 1, 29, 41, 16))
