@@ -48,11 +48,12 @@ struct PairBackward {
   using T = Bf16;
   using Scratch = PairBwdScratch;
 
-  // 128-key tiles up to D = 256 (measured on Zen 4: a few % over 64 keys, 256 keys no better), which halve
-  // the packing of Qi and dO_i per key; backward_run keeps the workspace's split bound.
+  // Up to D = 256, 256-key tiles without a mask and 128 under one (on a Zen 4 core: 128 a few % over 64;
+  // 256 over 128 +4-8% at D = 128-256, S = 1024-4096, neutral at D <= 64), which cut the packing of Qi and
+  // dO_i per key and the passes over them; backward_run keeps the workspace's split bound.
   static Tiling tiling(const FwdParams& p) {
     Tiling t = choose_tiling(p.seq_q, p.head_dim);
-    if (p.head_dim <= 256) t.block_k = 128;
+    if (p.head_dim <= 256) t.block_k = hides_keys(p.mask) ? 128 : 256;
     return t;
   }
 
