@@ -88,3 +88,15 @@ def test_decode_masks_few_rows(cpu_unit, dtype, group, sq, sk, causal, window):
     got = check_attention(q, k, v, grads=False, causal=causal, window_size=window, dlse=True)
     rows = empty_rows(sq, sk, causal, window)
     assert torch.all(got["out"][:, :, rows] == 0) and torch.all(got["lse"][:, :, rows] == float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,group", [(1, 1), (1, 4), (4, 4)], ids=lambda x: str(x))
+@pytest.mark.parametrize("sk,d", [(129, 8), (145, 8), (145, 24), (333, 4), (1100, 48)], ids=lambda x: str(x))
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_decode_rows_ahead(cpu_unit, dtype, sq, group, sk, d, layout):
+    """The K and V rows 128 keys ahead are requested while the products run, at a pace set by the span's
+    lines: spans shorter than one cache line (one key of a narrow head ahead, the last of a task) and
+    strided rows (bshd, requested at once) in each form of the scores."""
+    q, k, v = make_qkv(1, 2 * group, 2, sq, sk, d, dtype, layout)
+    check_attention(q, k, v, layout=layout, grads=False)

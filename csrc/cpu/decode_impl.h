@@ -41,26 +41,37 @@ struct DecodeScratch {
         acc(L.rows * L.t.d_pad), q_bits(L.R * L.t.d_pad) {}
 };
 
-// The K and V rows a fixed distance ahead of the keys in use, requested from memory in address order a
-// little at a time: each call to next() (one per vector of K read) asks for as many bytes ahead as it
-// read, so the memory system always has the next rows in flight while the core computes (a burst of
-// requests would stall on the miss queue, then leave memory idle).
-template <class TK>
-struct RowsAhead {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  int64_t k_stride = 0, v_stride = 0, rows = 0, row_bytes = 0, step = 0;  // strides and sizes in bytes
-  int64_t row = 0, byte = 0;
-  void next() {
-    if (row >= rows) return;
-    if (byte % 64 == 0) {
-      __builtin_prefetch(k + row * k_stride + byte, 0, 1);
-      __builtin_prefetch(v + row * v_stride + byte, 0, 1);
-    }
-    byte += step;
-    if (byte >= row_bytes) byte = 0, ++row;
+// The lines of one span of memory, [line, end), requested in address order, `count` of them at each step k
+// of a product with k & mask == 0: the memory system always has the next rows in flight while the core
+// computes, and the requests never pile up (a burst of them stalls the core on the miss queue, then
+// leaves memory idle).
+struct LinesAhead {
+  const char* line;
+  const char* end;
+  int64_t mask, count;
+  void next(int64_t step) {
+    if ((step & mask) != 0) return;
+    for (int64_t i = 0; i < count && line < end; ++i, line += 64) __builtin_prefetch(line, 0, 1);
   }
 };
+
+// A LinesAhead over n rows of row_bytes, stride bytes apart, spread over `steps` calls of next(): paced when
+// the rows lie back to back, otherwise requested here at once.
+inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int64_t row_bytes, int64_t steps) {
+  const char* begin = static_cast<const char*>(first);
+  LinesAhead ahead{begin, begin, 0, 1};
+  if (n <= 0) return ahead;
+  if (stride != row_bytes) {
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(begin + r * stride + byte, 0, 1);
+    return ahead;
+  }
+  ahead.end = begin + n * row_bytes;
+  const int64_t lines = (n * row_bytes + 63) / 64;
+  while (ahead.count * std::max<int64_t>(steps, 1) < lines) ahead.count *= 2;
+  while ((ahead.mask + 1) * 2 * lines <= steps) ahead.mask = ahead.mask * 2 + 1;
+  return ahead;
+}
 
 // The products of the dot form: K chunks widened to fp32 and FMA'd with the fp32 query rows (which carry
 // scale · log2 e), kCols columns per step.
@@ -92,11 +103,12 @@ struct PairDot {
 // Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
 // accumulators take R·(W/R) products with no chain between them, and the W lane sums of the vector come
 // out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1 and are masked
-// later. ahead.next() is called once per key chunk read.
+// later. ahead.next() is called once per key chunk read (scores_dot_steps times).
 template <class V, class Dot, int R, class TK>
 void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp, float mul,
-                float* s_t, RowsAhead<TK>& ahead) {
+                float* s_t, LinesAhead& ahead) {
   constexpr int kKeys = V::W / R;
+  int64_t step = 0;
   for (int64_t j = 0; j < nk; j += kKeys) {
     const TK* kj[kKeys];
 #pragma GCC unroll 16
@@ -110,7 +122,7 @@ void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q
       for (int r = 0; r < R; ++r) q_c[r] = Dot::load_q(q + r * Dp + c);
 #pragma GCC unroll 16
       for (int kk = 0; kk < kKeys; ++kk) {
-        ahead.next();
+        ahead.next(step++);
         const typename Dot::Chunk k_c = Dot::load_k(kj[kk] + c);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) acc[kk * R + r] = Dot::add_product(acc[kk * R + r], k_c, q_c[r]);
@@ -121,9 +133,15 @@ void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q
   }
 }
 
+template <class V, class Dot>
+constexpr int64_t scores_dot_steps(int64_t R, int64_t nk, int64_t Dp) {
+  const int64_t keys = V::W / R;
+  return (nk + keys - 1) / keys * keys * (Dp / Dot::kCols);
+}
+
 template <class V, class Dot, class TK>
 void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp,
-                float mul, float* s_t, RowsAhead<TK>& ahead) {
+                float mul, float* s_t, LinesAhead& ahead) {
   if (R == 1) return scores_dot<V, Dot, 1>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
   if (R == 2) return scores_dot<V, Dot, 2>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
   if constexpr (V::W >= 16) return scores_dot<V, Dot, 4>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
@@ -131,24 +149,36 @@ void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const type
 
 // acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
 // vectors of acc stay in registers over the whole key tile, and the Vj rows are read in order (whole rows
-// up to 8 vectors), which keeps the hardware prefetchers on the stream.
+// up to 8 vectors), which keeps the hardware prefetchers on the stream. ahead.next() runs pv_steps times.
 template <class V, int Rows, class TV>
-void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp) {
+void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp,
+             LinesAhead& ahead) {
   int64_t n = 0;
-  for (; n + 8 * V::W <= Dp; n += 8 * V::W) gemm_block<V, Rows, 8>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true);
+  for (; n + 8 * V::W <= Dp; n += 8 * V::W)
+    gemm_block<V, Rows, 8>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
   if (n + 4 * V::W <= Dp) {
-    gemm_block<V, Rows, 4>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true);
+    gemm_block<V, Rows, 4>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
     n += 4 * V::W;
   }
-  for (; n < Dp; n += V::W) gemm_block<V, Rows, 1>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true);
+  for (; n < Dp; n += V::W) gemm_block<V, Rows, 1>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
+}
+
+template <class V>
+constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on AVX-512
+
+template <class V>
+constexpr int64_t pv_steps(int64_t rows, int64_t nk, int64_t Dp) {
+  const int64_t blocks = Dp / (8 * V::W) + (Dp % (8 * V::W) >= 4 * V::W) + Dp % (4 * V::W) / V::W;
+  return (rows + kPassRows<V> - 1) / kPassRows<V> * blocks * nk;
 }
 
 template <class V, class TV>
-void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp) {
-  constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on AVX-512
-  for (int64_t r = 0; r < rows; r += kPassRows) {
-    if (r + kPassRows <= rows) pv_pass<V, kPassRows>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp);
-    else pv_pass<V, 1>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp);
+void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp,
+        LinesAhead& ahead) {
+  constexpr int kRows = kPassRows<V>;
+  for (int64_t r = 0; r < rows; r += kRows) {
+    if (r + kRows <= rows) pv_pass<V, kRows>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
+    else pv_pass<V, 1>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
   }
 }
 
@@ -222,46 +252,46 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t j_first = kv_begin + split * per_split * L.t.block_k;
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
   const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R);
-  const int64_t elem = sizeof(T), step = pairs ? 64 : V::W * elem;  // bytes of a K row per vector read
+  const int64_t elem = sizeof(T), k_bytes = p.k_stride.s * elem, v_bytes = p.v_stride.s * elem;
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
     const T* vj = v + j0 * p.v_stride.s;
     // Sᵀ = Kj · Qᵀ  (nk_pad x R, base-2 logits), kScoreKeys keys at a time. The stream from memory is
-    // the whole cost: the K and V rows kPrefetchKeys further on are requested at the pace the current
-    // ones are read (in the dot form line by line, in the gemm form chunk by chunk).
+    // the whole cost: the K rows kPrefetchKeys further on are requested at the pace of the products that
+    // read the current ones (the V rows ahead likewise in P · Vj below).
     for (int64_t j = 0; j < nk; j += kScoreKeys) {
       const int64_t n = std::min(kScoreKeys, nk - j);
       const int64_t n_ahead = std::clamp<int64_t>(j_last - (j0 + j + kPrefetchKeys), 0, n);
       const T* k_ahead = kj + (j + kPrefetchKeys) * p.k_stride.s;
-      const T* v_ahead = vj + (j + kPrefetchKeys) * p.v_stride.s;
+      const T* k_j = kj + j * p.k_stride.s;
       float* s_j = w.s_t.data() + j * R;
       if (L.dot_form && in_place) {
-        RowsAhead<T> ahead{reinterpret_cast<const char*>(k_ahead), reinterpret_cast<const char*>(v_ahead),
-                           p.k_stride.s * elem, p.v_stride.s * elem, n_ahead, D * elem, step};
-        const T* k_j = kj + j * p.k_stride.s;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, Bf16>) {
           if (pairs) {
+            LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, scores_dot_steps<V, PairDot>(R, n, Dp));
             scores_dot<V, PairDot>(R, k_j, p.k_stride.s, n, w.q_bits.data(), Dp, p.scale * kLog2e, s_j, ahead);
             continue;
           }
         }
 #endif
-        scores_dot<V, WidenedDot<V, T>>(R, k_j, p.k_stride.s, n, w.q.data(), Dp, 1.0f, s_j, ahead);
-        continue;
-      }
-      prefetch_rows(k_ahead, p.k_stride.s, n_ahead, D);
-      prefetch_rows(v_ahead, p.v_stride.s, n_ahead, D);
-      if (L.dot_form) {
-        RowsAhead<float> none;
-        pack_rows<V>(kj + j * p.k_stride.s, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
-        scores_dot<V, WidenedDot<V, float>>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, 1.0f, s_j, none);
-      } else if constexpr (std::is_same_v<T, float>) {
-        gemm<V>(n, R, D, kj + j * p.k_stride.s, p.k_stride.s, 1, w.q.data(), R, s_j, R, false);
+        using Dot = WidenedDot<V, T>;
+        LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, scores_dot_steps<V, Dot>(R, n, Dp));
+        scores_dot<V, Dot>(R, k_j, p.k_stride.s, n, w.q.data(), Dp, 1.0f, s_j, ahead);
+      } else if (L.dot_form) {
+        using Dot = WidenedDot<V, float>;
+        LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, scores_dot_steps<V, Dot>(R, n, Dp));
+        pack_rows<V>(k_j, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
+        scores_dot<V, Dot>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, 1.0f, s_j, ahead);
       } else {
-        pack_rows<V>(kj + j * p.k_stride.s, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
-        gemm<V>(n, R, D, w.k_p.data(), Dp, 1, w.q.data(), R, s_j, R, false);
+        LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, gemm_steps<V>(n, R, D));
+        if constexpr (std::is_same_v<T, float>) {
+          gemm<V>(n, R, D, k_j, p.k_stride.s, 1, w.q.data(), R, s_j, R, false, &ahead);
+        } else {
+          pack_rows<V>(k_j, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
+          gemm<V>(n, R, D, w.k_p.data(), Dp, 1, w.q.data(), R, s_j, R, false, &ahead);
+        }
       }
     }
     std::fill(w.s_t.data() + nk * R, w.s_t.data() + nk_pad * R, kNegInf);
@@ -272,10 +302,13 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
 
     // acc += P · Vj
-    if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, p.v_stride.s, w.acc.data(), Dp);
+    const int64_t n_ahead = std::clamp<int64_t>(j_last - (j0 + kPrefetchKeys), 0, nk);
+    LinesAhead ahead = lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem,
+                                   pv_steps<V>(L.rows, nk, Dp));
+    if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, p.v_stride.s, w.acc.data(), Dp, ahead);
     else {
       pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
-      pv<V>(L.rows, nk, w.s_t.data(), R, w.v_p.data(), Dp, w.acc.data(), Dp);
+      pv<V>(L.rows, nk, w.s_t.data(), R, w.v_p.data(), Dp, w.acc.data(), Dp, ahead);
     }
   }
   // l: the per-lane partial sums of each row added up.
@@ -329,7 +362,8 @@ void decode_typed(const FwdParams& p) {
     DecodeScratch<V> w(L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / L.n_split;
-      decode_task<V, T>(L, w, bh / L.p->heads_kv, bh % L.p->heads_kv, task % L.n_split, L.part + task * L.part_floats());
+      float* part = L.part + task * L.part_floats();
+      decode_task<V, T>(L, w, bh / L.p->heads_kv, bh % L.p->heads_kv, task % L.n_split, part);
     }
   });
   p.parallel_for(p.batch * p.heads_kv, &L, [](void* c, int64_t begin, int64_t end) {

@@ -102,15 +102,21 @@ inline void prefetch_rows(const T* src, int64_t row_stride, int64_t rows, int64_
 // broadcast from memory and B rows loaded as vectors (16-bit B widened in registers). The accumulators
 // stay in registers for all K; every loop over R or NV is unrolled so that the compiler keeps acc in
 // registers from the first load to the last store (a rolled loop sends it through the stack).
-template <class V, int R, int NV, class TB = float>
+// ahead->next(k) runs at each step k (a caller's paced prefetch); NoAhead compiles to nothing.
+struct NoAhead {
+  void next(int64_t) {}
+};
+
+template <class V, int R, int NV, class TB = float, class Ahead = NoAhead>
 inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const TB* b, int64_t ldb,
-                       float* c, int64_t ldc, bool accumulate) {
+                       float* c, int64_t ldc, bool accumulate, Ahead* ahead = nullptr) {
   typename V::T acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? V::load(c + r * ldc + v * V::W) : V::zero();
   for (int64_t k = 0; k < K; ++k) {
+    if constexpr (!std::is_same_v<Ahead, NoAhead>) ahead->next(k);
     typename V::T bk[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) bk[v] = load_float<V>(b + k * ldb + v * V::W);
@@ -127,27 +133,33 @@ inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, co
     for (int v = 0; v < NV; ++v) V::store(c + r * ldc + v * V::W, acc[r][v]);
 }
 
-template <class V, int R>
+template <class V, int R, class Ahead>
 inline void gemm_rows(int rows, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate, Ahead* ahead) {
   if constexpr (R > 1) {
-    if (rows < R) return gemm_rows<V, R - 1>(rows, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    if (rows < R) return gemm_rows<V, R - 1>(rows, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ahead);
   }
   int64_t n = 0;
   for (; n + 2 * V::W <= N; n += 2 * V::W)
-    gemm_block<V, R, 2>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate);
-  if (n < N) gemm_block<V, R, 1>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate);
+    gemm_block<V, R, 2>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate, ahead);
+  if (n < N) gemm_block<V, R, 1>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate, ahead);
 }
 
 // C[M][N] (+)= A · B for an M x K matrix A given by strides (a_rs, a_cs) and row-major B (K x N).
-// N must be a multiple of V::W (tiles are padded to it).
-template <class V>
+// N must be a multiple of V::W (tiles are padded to it). ahead->next(k) runs at each micro-kernel step,
+// gemm_steps(M, N, K) times in all.
+template <class V, class Ahead = NoAhead>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
-          float* c, int64_t ldc, bool accumulate) {
+          float* c, int64_t ldc, bool accumulate, Ahead* ahead = nullptr) {
   for (int64_t m = 0; m < M; m += V::kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(V::kRows, M - m));
-    gemm_rows<V, V::kRows>(rows, N, K, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, accumulate);
+    gemm_rows<V, V::kRows>(rows, N, K, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, accumulate, ahead);
   }
+}
+
+template <class V>
+constexpr int64_t gemm_steps(int64_t M, int64_t N, int64_t K) {
+  return (M + V::kRows - 1) / V::kRows * ((N + 2 * V::W - 1) / (2 * V::W)) * K;
 }
 
 // Sets the scores of row i that are not visible to -inf: keys outside [key_begin, key_end) and the
