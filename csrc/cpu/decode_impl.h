@@ -253,6 +253,12 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
   const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R);
   const int64_t elem = sizeof(T), k_bytes = p.k_stride.s * elem, v_bytes = p.v_stride.s * elem;
+  // Where K and V are each one block of rows in task order ((b, h, s) contiguous), the rows past this
+  // task's last key are the next task's first ones: they are requested ahead as well.
+  const auto in_task_order = [&](const Strides& st) {
+    return st.s == D && st.h == p.seq_k * D && (p.batch == 1 || st.b == p.heads_kv * st.h);
+  };
+  const int64_t ahead_end = in_task_order(p.k_stride) && in_task_order(p.v_stride) ? kv_end + kPrefetchKeys : j_last;
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
@@ -262,7 +268,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     // read the current ones (the V rows ahead likewise in P · Vj below).
     for (int64_t j = 0; j < nk; j += kScoreKeys) {
       const int64_t n = std::min(kScoreKeys, nk - j);
-      const int64_t n_ahead = std::clamp<int64_t>(j_last - (j0 + j + kPrefetchKeys), 0, n);
+      const int64_t n_ahead = std::clamp<int64_t>(ahead_end - (j0 + j + kPrefetchKeys), 0, n);
       const T* k_ahead = kj + (j + kPrefetchKeys) * p.k_stride.s;
       const T* k_j = kj + j * p.k_stride.s;
       float* s_j = w.s_t.data() + j * R;
@@ -302,7 +308,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
 
     // acc += P · Vj
-    const int64_t n_ahead = std::clamp<int64_t>(j_last - (j0 + kPrefetchKeys), 0, nk);
+    const int64_t n_ahead = std::clamp<int64_t>(ahead_end - (j0 + kPrefetchKeys), 0, nk);
     LinesAhead ahead = lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem,
                                    pv_steps<V>(L.rows, nk, Dp));
     if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, p.v_stride.s, w.acc.data(), Dp, ahead);
