@@ -99,6 +99,41 @@ struct PairDot {
 };
 #endif
 
+#if defined(__AVX512BF16__)
+// Sᵀ = Kj · Qᵀ · mul for nk keys with the rows as the 16 lanes (R = 16), bf16 K and Q taken as pairs of
+// columns: per pair, one load of the query rows' pairs (q_pairs: D/2 x 16 lanes x 2) and one vdpbf16ps per
+// key with that key's pair broadcast from memory, against one fp32 FMA per column and key after widening
+// K. ahead.next() runs once per pair of columns and block of 8 keys (pair_scores_steps times).
+template <int Keys>
+void pair_scores_block(const Bf16* k, int64_t k_stride, const uint16_t* q_pairs, int64_t D, float mul, float* s_t,
+                       LinesAhead& ahead) {
+  __m512 acc[Keys];
+#pragma GCC unroll 8
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 2) {
+    ahead.next(d / 2);
+    const __m512bh q_d = (__m512bh)_mm512_loadu_si512(q_pairs + d * 16);
+#pragma GCC unroll 8
+    for (int kk = 0; kk < Keys; ++kk) {
+      int32_t pair;
+      std::memcpy(&pair, k + kk * k_stride + d, 4);
+      acc[kk] = _mm512_dpbf16_ps(acc[kk], (__m512bh)_mm512_set1_epi32(pair), q_d);
+    }
+  }
+#pragma GCC unroll 8
+  for (int kk = 0; kk < Keys; ++kk) _mm512_storeu_ps(s_t + kk * 16, _mm512_mul_ps(acc[kk], _mm512_set1_ps(mul)));
+}
+
+inline void pair_scores(const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_pairs, int64_t D, float mul,
+                        float* s_t, LinesAhead& ahead) {
+  int64_t j = 0;
+  for (; j + 8 <= nk; j += 8) pair_scores_block<8>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * 16, ahead);
+  for (; j < nk; ++j) pair_scores_block<1>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * 16, ahead);
+}
+
+constexpr int64_t pair_scores_steps(int64_t nk, int64_t D) { return (nk / 8 + nk % 8) * (D / 2); }
+#endif
+
 // Sᵀ = Kj · Qᵀ · mul for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
 // Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
 // accumulators take R·(W/R) products with no chain between them, and the W lane sums of the vector come
@@ -227,9 +262,10 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   // Q · scale · log2 e in the form the scores use (or Q as it is, for bf16 pairs); padding rows and
   // columns are zero.
   const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
-  bool pairs = false;
+  bool pairs = false, lane_pairs = false;  // bf16 pairs in the dot form / with the rows as lanes
 #if defined(__AVX512BF16__)
   pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
+  lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && R == 16 && D % 2 == 0;
 #endif
   std::fill(w.q.begin(), w.q.end(), 0.0f);
   std::fill(w.q_bits.begin(), w.q_bits.end(), uint16_t{0});
@@ -237,6 +273,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
     if (pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&w.q_bits[r * Dp + d], q + d, 2);
+    else if (lane_pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&w.q_bits[d / 2 * 32 + r * 2 + d % 2], q + d, 2);
     else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q.data() + r * Dp, Dp);
     else for (int64_t d = 0; d < D; ++d) w.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
@@ -291,6 +328,15 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
         pack_rows<V>(k_j, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
         scores_dot<V, Dot>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, 1.0f, s_j, ahead);
       } else {
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, Bf16>) {
+          if (lane_pairs) {
+            LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, pair_scores_steps(n, D));
+            pair_scores(k_j, p.k_stride.s, n, w.q_bits.data(), D, p.scale * kLog2e, s_j, ahead);
+            continue;
+          }
+        }
+#endif
         LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, gemm_steps<V>(n, R, D));
         if constexpr (std::is_same_v<T, float>) {
           gemm<V>(n, R, D, k_j, p.k_stride.s, 1, w.q.data(), R, s_j, R, false, &ahead);
