@@ -201,17 +201,32 @@ void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_str
 template <class V>
 constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on AVX-512
 
+// With the rows as lanes (more than 4 rows on AVX-512) P · Vj runs in blocks of 4 rows x 4 vectors, so
+// each Vj element is loaded (and widened) once per 4 rows instead of per 2: +9-19% with 16 rows on a Zen 4
+// core; with 4 rows or fewer the 2 x 8 blocks were 2-10% faster.
+template <class V>
+constexpr bool pv_quads(int64_t rows, int64_t Dp) {
+  return V::W == 16 && rows > 4 && Dp % (4 * V::W) == 0;
+}
+
 template <class V>
 constexpr int64_t pv_steps(int64_t rows, int64_t nk, int64_t Dp) {
   const int64_t blocks = Dp / (8 * V::W) + (Dp % (8 * V::W) >= 4 * V::W) + Dp % (4 * V::W) / V::W;
-  return (rows + kPassRows<V> - 1) / kPassRows<V> * blocks * nk;
+  const int64_t quads = pv_quads<V>(rows, Dp) ? rows / 4 : 0, rest = rows - 4 * quads;
+  return (quads * (Dp / (4 * V::W)) + (rest + kPassRows<V> - 1) / kPassRows<V> * blocks) * nk;
 }
 
 template <class V, class TV>
 void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp,
         LinesAhead& ahead) {
   constexpr int kRows = kPassRows<V>;
-  for (int64_t r = 0; r < rows; r += kRows) {
+  int64_t r = 0;
+  if (pv_quads<V>(rows, Dp)) {
+    for (; r + 4 <= rows; r += 4)
+      for (int64_t n = 0; n < Dp; n += 4 * V::W)
+        gemm_block<V, 4, 4>(nk, p_t + r, 1, R, v + n, v_stride, acc + r * Dp + n, Dp, true, &ahead);
+  }
+  for (; r < rows; r += kRows) {
     if (r + kRows <= rows) pv_pass<V, kRows>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
     else pv_pass<V, 1>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
   }
