@@ -62,8 +62,7 @@ inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int6
   LinesAhead ahead{begin, begin, 0, 1};
   if (n <= 0) return ahead;
   if (stride != row_bytes) {
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(begin + r * stride + byte, 0, 1);
+    prefetch_rows(begin, stride, n, row_bytes);
     return ahead;
   }
   ahead.end = begin + n * row_bytes;
@@ -322,37 +321,38 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       const int64_t n = std::min(kScoreKeys, nk - j);
       const int64_t n_ahead = std::clamp<int64_t>(ahead_end - (j0 + j + kPrefetchKeys), 0, n);
       const T* k_ahead = kj + (j + kPrefetchKeys) * p.k_stride.s;
+      const auto k_rows_ahead = [&](int64_t steps) { return lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, steps); };
       const T* k_j = kj + j * p.k_stride.s;
       float* s_j = w.s_t.data() + j * R;
       if (L.dot_form && in_place) {
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, Bf16>) {
           if (pairs) {
-            LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, scores_dot_steps<V, PairDot>(R, n, Dp));
+            LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, PairDot>(R, n, Dp));
             scores_dot<V, PairDot>(R, k_j, p.k_stride.s, n, w.q_bits.data(), Dp, p.scale * kLog2e, s_j, ahead);
             continue;
           }
         }
 #endif
         using Dot = WidenedDot<V, T>;
-        LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, scores_dot_steps<V, Dot>(R, n, Dp));
+        LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
         scores_dot<V, Dot>(R, k_j, p.k_stride.s, n, w.q.data(), Dp, 1.0f, s_j, ahead);
       } else if (L.dot_form) {
         using Dot = WidenedDot<V, float>;
-        LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, scores_dot_steps<V, Dot>(R, n, Dp));
+        LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
         pack_rows<V>(k_j, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
         scores_dot<V, Dot>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, 1.0f, s_j, ahead);
       } else {
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, Bf16>) {
           if (lane_pairs) {
-            LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, pair_scores_steps(n, D));
+            LinesAhead ahead = k_rows_ahead(pair_scores_steps(n, D));
             pair_scores(k_j, p.k_stride.s, n, w.q_bits.data(), D, p.scale * kLog2e, s_j, ahead);
             continue;
           }
         }
 #endif
-        LinesAhead ahead = lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, gemm_steps<V>(n, R, D));
+        LinesAhead ahead = k_rows_ahead(gemm_steps<V>(n, R, D));
         if constexpr (std::is_same_v<T, float>) {
           gemm<V>(n, R, D, k_j, p.k_stride.s, 1, w.q.data(), R, s_j, R, false, &ahead);
         } else {
