@@ -10,6 +10,9 @@
 
 #include "cpu/tile_ops.h"
 #include "cpu/tiling.h"
+#if defined(__AVX512BF16__)
+#include "cpu/decode_bf16_pairs.h"
+#endif
 
 namespace attnext::cpu {
 namespace {
@@ -35,42 +38,12 @@ struct DecodeScratch {
   // m, l, alpha: one period of the lane pattern of Sᵀ (max(R, W) floats).
   std::vector<float> q, k_p, v_p, s_t, m, l, alpha, acc;
   std::vector<uint16_t> q_bits;  // the bf16 query rows as they are (dot form on bf16 pairs)
+  std::vector<uint32_t> p_pairs;  // P · Vj on bf16 pairs: the rows of P as pairs of keys, and their scratch
   explicit DecodeScratch(const DecodeLayout& L)
       : q(L.R * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
         s_t((L.t.block_k + V::W) * L.R), m(std::max<int64_t>(L.R, V::W)), l(m.size()), alpha(m.size()),
-        acc(L.rows * L.t.d_pad), q_bits(L.R * L.t.d_pad) {}
+        acc(L.rows * L.t.d_pad), q_bits(L.R * L.t.d_pad), p_pairs(2 * L.R * round_up(L.t.block_k / 2 + 1, 16)) {}
 };
-
-// The lines of one span of memory, [line, end), requested in address order, `count` of them at each step k
-// of a product with k & mask == 0: the memory system always has the next rows in flight while the core
-// computes, and the requests never pile up (a burst of them stalls the core on the miss queue, then
-// leaves memory idle).
-struct LinesAhead {
-  const char* line;
-  const char* end;
-  int64_t mask, count;
-  void next(int64_t step) {
-    if ((step & mask) != 0) return;
-    for (int64_t i = 0; i < count && line < end; ++i, line += 64) __builtin_prefetch(line, 0, 1);
-  }
-};
-
-// A LinesAhead over n rows of row_bytes, stride bytes apart, spread over `steps` calls of next(): paced when
-// the rows lie back to back, otherwise requested here at once.
-inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int64_t row_bytes, int64_t steps) {
-  const char* begin = static_cast<const char*>(first);
-  LinesAhead ahead{begin, begin, 0, 1};
-  if (n <= 0) return ahead;
-  if (stride != row_bytes) {
-    prefetch_rows(begin, stride, n, row_bytes);
-    return ahead;
-  }
-  ahead.end = begin + n * row_bytes;
-  const int64_t lines = (n * row_bytes + 63) / 64;
-  while (ahead.count * std::max<int64_t>(steps, 1) < lines) ahead.count *= 2;
-  while ((ahead.mask + 1) * 2 * lines <= steps) ahead.mask = ahead.mask * 2 + 1;
-  return ahead;
-}
 
 // The products of the dot form: K chunks widened to fp32 and FMA'd with the fp32 query rows (which carry
 // scale · log2 e), kCols columns per step.
@@ -83,55 +56,6 @@ struct WidenedDot {
   static Chunk load_k(const TK* k) { return load_float<V>(k); }
   static typename V::T add_product(typename V::T acc, Chunk k, Chunk q) { return V::fma(k, q, acc); }
 };
-
-#if defined(__AVX512BF16__)
-// bf16 K and query rows (raw bf16) taken 32 columns at a time as pairs by vdpbf16ps, which sums each
-// pair's two exact products into an fp32 lane: half the instructions of the widened products and no
-// widening; scale · log2 e multiplies the summed scores.
-struct PairDot {
-  using Q = uint16_t;
-  using Chunk = __m512bh;
-  static constexpr int kCols = 32;
-  static Chunk load_q(const Q* q) { return (__m512bh)_mm512_loadu_si512(q); }
-  static Chunk load_k(const Bf16* k) { return (__m512bh)_mm512_loadu_si512(k); }
-  static __m512 add_product(__m512 acc, Chunk k, Chunk q) { return _mm512_dpbf16_ps(acc, k, q); }
-};
-#endif
-
-#if defined(__AVX512BF16__)
-// Sᵀ = Kj · Qᵀ · mul for nk keys with the rows as the 16 lanes (R = 16), bf16 K and Q taken as pairs of
-// columns: per pair, one load of the query rows' pairs (q_pairs: D/2 x 16 lanes x 2) and one vdpbf16ps per
-// key with that key's pair broadcast from memory, against one fp32 FMA per column and key after widening
-// K. ahead.next() runs once per pair of columns and block of 8 keys (pair_scores_steps times).
-template <int Keys>
-void pair_scores_block(const Bf16* k, int64_t k_stride, const uint16_t* q_pairs, int64_t D, float mul, float* s_t,
-                       LinesAhead& ahead) {
-  __m512 acc[Keys];
-#pragma GCC unroll 8
-  for (auto& a : acc) a = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 2) {
-    ahead.next(d / 2);
-    const __m512bh q_d = (__m512bh)_mm512_loadu_si512(q_pairs + d * 16);
-#pragma GCC unroll 8
-    for (int kk = 0; kk < Keys; ++kk) {
-      int32_t pair;
-      std::memcpy(&pair, k + kk * k_stride + d, 4);
-      acc[kk] = _mm512_dpbf16_ps(acc[kk], (__m512bh)_mm512_set1_epi32(pair), q_d);
-    }
-  }
-#pragma GCC unroll 8
-  for (int kk = 0; kk < Keys; ++kk) _mm512_storeu_ps(s_t + kk * 16, _mm512_mul_ps(acc[kk], _mm512_set1_ps(mul)));
-}
-
-inline void pair_scores(const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_pairs, int64_t D, float mul,
-                        float* s_t, LinesAhead& ahead) {
-  int64_t j = 0;
-  for (; j + 8 <= nk; j += 8) pair_scores_block<8>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * 16, ahead);
-  for (; j < nk; ++j) pair_scores_block<1>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * 16, ahead);
-}
-
-constexpr int64_t pair_scores_steps(int64_t nk, int64_t D) { return (nk / 8 + nk % 8) * (D / 2); }
-#endif
 
 // Sᵀ = Kj · Qᵀ · mul for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
 // Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
@@ -370,8 +294,19 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
 
     // acc += P · Vj
     const int64_t n_ahead = std::clamp<int64_t>(ahead_end - (j0 + kPrefetchKeys), 0, nk);
-    LinesAhead ahead = lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem,
-                                   pv_steps<V>(L.rows, nk, Dp));
+    const auto v_rows_ahead = [&](int64_t steps) {
+      return lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem, steps);
+    };
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, Bf16>) {
+      if (pv_on_pairs(D)) {
+        LinesAhead ahead = v_rows_ahead(pv_pairs_steps(L.rows, nk, D));
+        pv_pairs(L.rows, R, nk, w.s_t.data(), vj, p.v_stride.s, D, w.p_pairs.data(), w.acc.data(), ahead);
+        continue;
+      }
+    }
+#endif
+    LinesAhead ahead = v_rows_ahead(pv_steps<V>(L.rows, nk, Dp));
     if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, p.v_stride.s, w.acc.data(), Dp, ahead);
     else {
       pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);

@@ -49,9 +49,10 @@ bool cpu_has(Isa isa) {
     return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   if (isa == Isa::kAvx512) return avx512;
-  // AVX512_BF16 is CPUID.(EAX=7, ECX=1):EAX bit 5; __builtin_cpu_supports("avx512f") already means the OS
-  // saves the zmm state.
-  if (isa == Isa::kAvx512Bf16) return avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
+  // AVX512_BF16 is CPUID.(EAX=7, ECX=1):EAX bit 5 (the unit also uses AVX512BW's word shuffles);
+  // __builtin_cpu_supports("avx512f") already means the OS saves the zmm state.
+  if (isa == Isa::kAvx512Bf16)
+    return avx512 && __builtin_cpu_supports("avx512bw") && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
   return false;
 #else
   return isa == Isa::kScalar;

@@ -98,6 +98,37 @@ inline void prefetch_rows(const T* src, int64_t row_stride, int64_t rows, int64_
   }
 }
 
+// The lines of one span of memory, [line, end), requested in address order, `count` of them at each step k
+// of a product with k & mask == 0: the memory system always has the next rows in flight while the core
+// computes, and the requests never pile up (a burst of them stalls the core on the miss queue, then
+// leaves memory idle).
+struct LinesAhead {
+  const char* line;
+  const char* end;
+  int64_t mask, count;
+  void next(int64_t step) {
+    if ((step & mask) != 0) return;
+    for (int64_t i = 0; i < count && line < end; ++i, line += 64) __builtin_prefetch(line, 0, 1);
+  }
+};
+
+// A LinesAhead over n rows of row_bytes, stride bytes apart, spread over `steps` calls of next(): paced when
+// the rows lie back to back, otherwise requested here at once.
+inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int64_t row_bytes, int64_t steps) {
+  const char* begin = static_cast<const char*>(first);
+  LinesAhead ahead{begin, begin, 0, 1};
+  if (n <= 0) return ahead;
+  if (stride != row_bytes) {
+    prefetch_rows(begin, stride, n, row_bytes);
+    return ahead;
+  }
+  ahead.end = begin + n * row_bytes;
+  const int64_t lines = (n * row_bytes + 63) / 64;
+  while (ahead.count * std::max<int64_t>(steps, 1) < lines) ahead.count *= 2;
+  while ((ahead.mask + 1) * 2 * lines <= steps) ahead.mask = ahead.mask * 2 + 1;
+  return ahead;
+}
+
 // Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
 // broadcast from memory and B rows loaded as vectors (16-bit B widened in registers). The accumulators
 // stay in registers for all K; every loop over R or NV is unrolled so that the compiler keeps acc in
