@@ -45,8 +45,8 @@ std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v, double scale, i
 }
 
 std::tuple<Tensor, Tensor, Tensor> bwd_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                           std::optional<Tensor> dlse, double scale, int64_t mask_kind, int64_t wl, int64_t wr, bool bshd,
-                                           bool /*deterministic: the CPU backward always is*/) {
+                                           std::optional<Tensor> dlse, double scale, int64_t mask_kind, int64_t wl,
+                                           int64_t wr, bool bshd, bool /*deterministic: the CPU backward always is*/) {
   BwdParams bp;
   bp.fwd = cpu_params(kBwdOp, q, k, v, scale, mask_kind, wl, wr, bshd);
   const FwdParams& p = bp.fwd;
