@@ -7,6 +7,7 @@
 // Every sum runs in a fixed order, so the result is bitwise repeatable for a given thread count.
 #pragma once
 
+#include "cpu/tasks.h"
 #include "cpu/tile_ops.h"
 #include "cpu/tiling.h"
 
@@ -172,12 +173,11 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   });
 
   // 2. Key tiles: task = (batch, kv head, split); split s owns key tiles s, s + n_split, ...
-  p.parallel_for(p.batch * p.heads_kv * n_split, &L, [](void* c, int64_t begin, int64_t end) {
-    const BwdLayout& L = *static_cast<const BwdLayout*>(c);
+  run_tasks<const BwdLayout>(p, p.batch * p.heads_kv * n_split, &L, [](const BwdLayout& L, TaskQueue& queue) {
     const FwdParams& p = L.p->fwd;
     typename K::Scratch w(L.t, p.head_dim);
     const int64_t n_kv_tiles = (p.seq_k + L.t.block_k - 1) / L.t.block_k;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; queue.next(&task);) {
       const int64_t split = task % L.n_split, bh = task / L.n_split;
       for (int64_t tile = split; tile < n_kv_tiles; tile += L.n_split)
         backward_kv_tile<K>(L, w, bh / p.heads_kv, bh % p.heads_kv, split, tile * L.t.block_k);

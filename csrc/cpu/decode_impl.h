@@ -8,6 +8,7 @@
 // R < W, so that with one or a few rows the softmax still runs on full vectors.
 #pragma once
 
+#include "cpu/tasks.h"
 #include "cpu/tile_ops.h"
 #include "cpu/tiling.h"
 #if defined(__AVX512BF16__)
@@ -359,10 +360,9 @@ void decode_typed(const FwdParams& p) {
   L.n_split = decode_splits(p, L.t.block_k);
   std::vector<float> part(p.batch * p.heads_kv * L.n_split * L.part_floats());
   L.part = part.data();
-  p.parallel_for(p.batch * p.heads_kv * L.n_split, &L, [](void* c, int64_t begin, int64_t end) {
-    const DecodeLayout& L = *static_cast<const DecodeLayout*>(c);
+  run_tasks<const DecodeLayout>(p, p.batch * p.heads_kv * L.n_split, &L, [](const DecodeLayout& L, TaskQueue& queue) {
     DecodeScratch<V> w(L);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; queue.next(&task);) {
       const int64_t bh = task / L.n_split;
       float* part = L.part + task * L.part_floats();
       decode_task<V, T>(L, w, bh / L.p->heads_kv, bh % L.p->heads_kv, task % L.n_split, part);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "cpu/decode_impl.h"
+#include "cpu/tasks.h"
 #include "cpu/tile_ops.h"
 #include "cpu/tiling.h"
 
@@ -45,17 +46,16 @@ void write_output(const FwdParams& p, const float* acc, int64_t ld, const float*
 }
 
 // Runs tile(p, t, scratch, b, h, i0, i1) for every (batch, query head, run of t.group query tiles) on the
-// thread pool, with one scratch W per worker range. Runs are dealt heavy-light (zigzag) so causal work
-// stays balanced.
+// thread pool, with one scratch W per worker. Runs are dealt heavy-light (zigzag) so causal work stays
+// balanced to the end.
 template <class W, void (*Tile)(const FwdParams&, const Tiling&, W&, int64_t, int64_t, int64_t, int64_t)>
 void for_each_query_tile(const FwdParams& p, const Tiling& t) {
   const int64_t span = t.block_q * t.group, n_runs = (p.seq_q + span - 1) / span;
   const int64_t n_tasks = p.batch * p.heads_q * n_runs;
   struct Ctx { const FwdParams* p; const Tiling* t; int64_t span, n_runs; } ctx{&p, &t, span, n_runs};
-  p.parallel_for(n_tasks, &ctx, [](void* c, int64_t begin, int64_t end) {
-    const Ctx& x = *static_cast<const Ctx*>(c);
+  run_tasks<const Ctx>(p, n_tasks, &ctx, [](const Ctx& x, TaskQueue& queue) {
     W w(*x.t, x.p->head_dim);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; queue.next(&task);) {
       const int64_t bh = task / x.n_runs, run = zigzag(task % x.n_runs, x.n_runs);
       const int64_t i0 = run * x.span, i1 = std::min(x.p->seq_q, i0 + x.span);
       Tile(*x.p, *x.t, w, bh / x.p->heads_q, bh % x.p->heads_q, i0, i1);
