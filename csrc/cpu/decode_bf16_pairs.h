@@ -155,16 +155,15 @@ inline void pv_pairs(int64_t rows, int64_t R, int64_t nk, float* p_t, const Bf16
   else p_pair_rows<1>(p_t, nk, p_rows, ld, scratch);
   for (int64_t r = 0; r < rows; r += 4) {
     const Pair* p = p_rows + r * ld;
+    const int64_t block_rows = std::min<int64_t>(4, rows - r);
     for (int64_t n = 0; n < D; n += cols) {
       float* c = acc + r * D + n;
-      switch (cols == 128 ? -rows : std::min<int64_t>(4, rows - r)) {
-        case -1: pv_pair_block<1, 8>(nk, p, ld, v + n, v_stride, c, D, ahead); break;
-        case -2: pv_pair_block<2, 8>(nk, p, ld, v + n, v_stride, c, D, ahead); break;
-        case 1: pv_pair_block<1, 4>(nk, p, ld, v + n, v_stride, c, D, ahead); break;
-        case 2: pv_pair_block<2, 4>(nk, p, ld, v + n, v_stride, c, D, ahead); break;
-        case 3: pv_pair_block<3, 4>(nk, p, ld, v + n, v_stride, c, D, ahead); break;
-        default: pv_pair_block<4, 4>(nk, p, ld, v + n, v_stride, c, D, ahead); break;
-      }
+      if (cols == 128 && block_rows == 1) pv_pair_block<1, 8>(nk, p, ld, v + n, v_stride, c, D, ahead);
+      else if (cols == 128) pv_pair_block<2, 8>(nk, p, ld, v + n, v_stride, c, D, ahead);
+      else if (block_rows == 1) pv_pair_block<1, 4>(nk, p, ld, v + n, v_stride, c, D, ahead);
+      else if (block_rows == 2) pv_pair_block<2, 4>(nk, p, ld, v + n, v_stride, c, D, ahead);
+      else if (block_rows == 3) pv_pair_block<3, 4>(nk, p, ld, v + n, v_stride, c, D, ahead);
+      else pv_pair_block<4, 4>(nk, p, ld, v + n, v_stride, c, D, ahead);
     }
   }
 }

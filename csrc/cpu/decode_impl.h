@@ -293,7 +293,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     for (int64_t r = 0; r < L.rows; ++r)
       if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
 
-    // acc += P · Vj
+    // acc += P · Vj (bf16 with D a multiple of 64: on pairs of keys, with P rounded to bf16)
     const int64_t n_ahead = std::clamp<int64_t>(ahead_end - (j0 + kPrefetchKeys), 0, nk);
     const auto v_rows_ahead = [&](int64_t steps) {
       return lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem, steps);
