@@ -3,6 +3,8 @@
 // by decode_impl.h in the avx512bf16 translation unit only.
 #pragma once
 
+#include <array>
+
 #include "cpu/pair_ops.h"
 
 namespace attnext::cpu {
@@ -68,10 +70,14 @@ void p_pair_rows(float* p_t, int64_t nk, Pair* out, int64_t ld, Pair* scratch) {
     transpose_pairs(scratch, 16, ld, 16, out, ld);
   } else {
     constexpr int kKeys = 32 / R;  // keys per vector of 32 bf16
-    alignas(64) uint16_t order[32], sorted[32];
-    for (int r = 0; r < R; ++r)
-      for (int k = 0; k < kKeys; ++k) order[r * kKeys + k] = static_cast<uint16_t>(k * R + r);
-    const __m512i idx = _mm512_load_si512(order);
+    static constexpr auto kOrder = [] {  // word r·kKeys + k of the output <- word k·R + r of the input
+      std::array<uint16_t, 32> order{};
+      for (int r = 0; r < R; ++r)
+        for (int k = 0; k < kKeys; ++k) order[r * kKeys + k] = static_cast<uint16_t>(k * R + r);
+      return order;
+    }();
+    const __m512i idx = _mm512_loadu_si512(kOrder.data());
+    alignas(64) uint16_t sorted[32];
     const int64_t n_keys = round_up(nk, kKeys);
     std::fill(p_t + nk * R, p_t + n_keys * R, 0.0f);
     for (int64_t j = 0; j < n_keys; j += kKeys) {
