@@ -126,18 +126,16 @@ inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
 
 // Micro-kernel: an R x (NV·16) block of C = mul · Σ_k A(r, k)·B(k, n) (or C += Σ_k ... when accumulating)
 // over K pair steps, with A(r, k) = a[r·lda + k] broadcast and B rows b[k·ldb ...] loaded 16 pairs at a time.
-// The loops over R and NV are unrolled so that acc never leaves the registers (as in gemm_block);
-// ahead->next(k) runs at each step k (NoAhead: nothing).
-template <int R, int NV, class Ahead = NoAhead>
+// The loops over R and NV are unrolled so that acc never leaves the registers (as in gemm_block).
+template <int R, int NV>
 inline void pair_block(int64_t K, const Pair* a, int64_t lda, const Pair* b, int64_t ldb, float* c, int64_t ldc,
-                       float mul, bool accumulate, Ahead* ahead = nullptr) {
+                       float mul, bool accumulate) {
   __m512 acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if constexpr (!std::is_same_v<Ahead, NoAhead>) ahead->next(k);
     __m512i bk[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) bk[v] = _mm512_loadu_si512(b + k * ldb + 16 * v);
@@ -156,13 +154,13 @@ inline void pair_block(int64_t K, const Pair* a, int64_t lda, const Pair* b, int
       _mm512_storeu_ps(c + r * ldc + 16 * v, accumulate ? acc[r][v] : _mm512_mul_ps(acc[r][v], m));
 }
 
-template <int R, int NV, class Ahead = NoAhead>
+template <int R, int NV>
 inline void pair_rows(int rows, int64_t K, const Pair* a, int64_t lda, const Pair* b, int64_t ldb, float* c,
-                      int64_t ldc, float mul, bool accumulate, Ahead* ahead = nullptr) {
+                      int64_t ldc, float mul, bool accumulate) {
   if constexpr (R > 1) {
-    if (rows < R) return pair_rows<R - 1, NV>(rows, K, a, lda, b, ldb, c, ldc, mul, accumulate, ahead);
+    if (rows < R) return pair_rows<R - 1, NV>(rows, K, a, lda, b, ldb, c, ldc, mul, accumulate);
   }
-  pair_block<R, NV>(K, a, lda, b, ldb, c, ldc, mul, accumulate, ahead);
+  pair_block<R, NV>(K, a, lda, b, ldb, c, ldc, mul, accumulate);
 }
 
 // One panel of NV·16 columns of C over all M rows, R rows at a time: B's panel stays in L1 while A streams.
