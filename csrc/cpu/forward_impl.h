@@ -96,10 +96,11 @@ const float* fp32_rows(const T* src, int64_t stride, int64_t n, int64_t cols, bo
 // The scores are computed transposed, Sᵀ = Kj · Qiᵀ, with the query rows as vector lanes: the online
 // softmax then runs down the columns (max, sum and the rescale factor of 16 rows per vector, no
 // horizontal reductions), K rows are broadcast as they lie (no transpose), and P · Vj reads P from Pᵀ.
-// One step: query tile `qt` against the keys [j0, j0 + nk), whose fp32 K and V rows are kb and vb.
-template <class V>
+// One step: query tile `qt` against the keys [j0, j0 + nk), whose fp32 K and V rows are kb and vb; the
+// products step k_ahead and v_ahead (LinesAhead, or NoAhead).
+template <class V, class Ahead>
 void attend_keys(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, const QueryTile& qt, int64_t j0, int64_t nk,
-                 const float* kb, int64_t k_ld, const float* vb, int64_t v_ld) {
+                 const float* kb, int64_t k_ld, const float* vb, int64_t v_ld, Ahead* k_ahead, Ahead* v_ahead) {
   const int64_t D = p.head_dim, Dp = t.d_pad, ld_q = w.rows_pad, i0 = qt.i0, rows = qt.rows;
   // Only rows [r0, r1) of the tile see a key of this key tile; the lanes [c0, c1) around them are computed.
   const int64_t r0 = std::max<int64_t>(0, row_begin(p.mask, j0, p.seq_q) - i0);
@@ -109,7 +110,7 @@ void attend_keys(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, const Qu
 
   // Sᵀ = Kj · Qiᵀ  (nk x n_lanes, base-2 logits)
   float* s_t = w.s_t.data();
-  gemm<V>(nk, n_lanes, D, kb, k_ld, 1, qt.q_t + c0, ld_q, s_t, n_lanes, false);
+  gemm<V>(nk, n_lanes, D, kb, k_ld, 1, qt.q_t + c0, ld_q, s_t, n_lanes, false, k_ahead);
 
   // Keys a lane may not see get -inf (only tiles on a mask boundary).
   if (!tile_fully_visible(p.mask, i0 + c0, i0 + std::min(c1, rows), j0, j0 + nk, p.seq_k)) {
@@ -127,7 +128,7 @@ void attend_keys(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, const Qu
     if (qt.alpha[r] != 1.0f) scale_row<V>(qt.acc + r * Dp, Dp, qt.alpha[r]);
 
   // acc[r0:r1] += P · Vj, P(r, j) = Pᵀ[j][r - c0]
-  gemm<V>(r1 - r0, Dp, nk, s_t + (r0 - c0), 1, n_lanes, vb, v_ld, qt.acc + r0 * Dp, Dp, true);
+  gemm<V>(r1 - r0, Dp, nk, s_t + (r0 - c0), 1, n_lanes, vb, v_ld, qt.acc + r0 * Dp, Dp, true, v_ahead);
 }
 
 // One task: the query rows [i0, i1) of head (b, h), up to t.group query tiles that share each key tile,
@@ -135,7 +136,7 @@ void attend_keys(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, const Qu
 template <class V, class T>
 void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t b, int64_t h, int64_t i0,
                   int64_t i1) {
-  const int64_t D = p.head_dim, Dp = t.d_pad, ld_q = w.rows_pad;
+  const int64_t D = p.head_dim, Dp = t.d_pad, ld_q = w.rows_pad, elem = sizeof(T);
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
@@ -173,10 +174,27 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
     int64_t k_ld, v_ld;
     const float* kb = fp32_rows<V>(k + j0 * p.k_stride.s, p.k_stride.s, nk, D, false, w.k_p.data(), Dp, &k_ld);
     const float* vb = fp32_rows<V>(v + j0 * p.v_stride.s, p.v_stride.s, nk, D, true, w.v_p.data(), Dp, &v_ld);
-    for (int64_t g = 0; g < n_tiles; ++g) {
-      const int64_t a = std::max(j0, tiles[g].kv_begin), e = std::min(j0 + nk, tiles[g].kv_end);
-      if (a < e) attend_keys<V>(p, t, w, tiles[g], a, e - a, kb + (a - j0) * k_ld, k_ld, vb + (a - j0) * v_ld, v_ld);
+    const auto attend_tiles = [&](auto* k_ahead, auto* v_ahead) {
+      for (int64_t g = 0; g < n_tiles; ++g) {
+        const int64_t a = std::max(j0, tiles[g].kv_begin), e = std::min(j0 + nk, tiles[g].kv_end);
+        if (a < e)
+          attend_keys<V>(p, t, w, tiles[g], a, e - a, kb + (a - j0) * k_ld, k_ld, vb + (a - j0) * v_ld, v_ld, k_ahead,
+                         v_ahead);
+      }
+    };
+    if (!t.prefetch_next) {
+      NoAhead none;
+      attend_tiles(&none, &none);
+      continue;
     }
+    // The next key tile's K and V rows, requested at the pace of the products on this one (see
+    // forward_prefetches_next).
+    const int64_t j_next = j0 + t.block_k, n_next = std::clamp<int64_t>(kv_hi - j_next, 0, t.block_k);
+    LinesAhead k_ahead = lines_ahead(k + j_next * p.k_stride.s, n_next, p.k_stride.s * elem, D * elem,
+                                     n_tiles * gemm_steps<V>(nk, ld_q, D));
+    LinesAhead v_ahead = lines_ahead(v + j_next * p.v_stride.s, n_next, p.v_stride.s * elem, D * elem,
+                                     n_tiles * gemm_steps<V>(t.block_q, Dp, nk));
+    attend_tiles(&k_ahead, &v_ahead);
   }
 
   for (int64_t g = 0; g < n_tiles; ++g)

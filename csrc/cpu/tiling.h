@@ -15,6 +15,7 @@ struct Tiling {
   int64_t block_k;  // keys per tile
   int64_t d_pad;    // head dim padded to 16 floats, the widest vector unit
   int64_t group = 1;  // query tiles per forward task, sharing each key tile (at most kMaxQueryGroup)
+  bool prefetch_next = false;  // the FMA forward requests each next key tile while it works on one
 };
 
 constexpr int64_t kMaxQueryGroup = 8;
@@ -48,19 +49,32 @@ inline int64_t forward_query_group(const FwdParams& p, int64_t block_q) {
   return group;
 }
 
+// Whether the FMA forward requests the next key tile's K and V rows while it works on the current one,
+// paced by its products (forward_impl.h). On a Zen 4 core this gained 2-5% at D = 128 and 256 (fp32
+// and fp16, one thread; 0-1% at two), where each query tile reads its head's K and V from the L3 or from
+// memory. Left to the hardware prefetchers: rows that do not lie back to back (they would be requested in
+// one burst, see LinesAhead), 256-key tiles within the 32 KiB L1 (D = 32 fp32 lost 2%), and masks that
+// bound the keys (16-row causal tiles lost 2-5% at two threads).
+inline bool forward_prefetches_next(const FwdParams& p) {
+  const int64_t row_bytes = p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
+  return p.k_stride.s == p.head_dim && p.v_stride.s == p.head_dim && 256 * row_bytes > (int64_t{32} << 10) &&
+         !hides_keys(p.mask);
+}
+
 // Tiles of the FMA forward (forward_impl.h), which computes Sᵀ = Kj · Qiᵀ with the query rows as lanes.
-// Long key tiles (256 keys) amortise each tile's fixed work (rescaling acc, the micro-kernel's loads and
-// stores of C) and short query tiles keep Sᵀ (block_q x block_k fp32) within 64 KiB. fp32 uses 16 rows
-// when a mask bounds the keys (a diagonal tile then wastes at most a 16 x 16 triangle), else 32 rows for
-// D > 128 and 64 up to it; 16-bit K/V are widened once per tile, so 64 rows share that work. Past D = 256
-// the L2 sizes above. Chosen by measurement on a Zen 4 core (+5-10% over 256 x 64 at D = 32-256, causal
-// +10-20%).
+// Long key tiles (256 keys; 128 for D > 128 when the next one is requested ahead, so that both fit the
+// L2) amortise each tile's fixed work (rescaling acc, the micro-kernel's loads and stores of C) and short
+// query tiles keep Sᵀ (block_q x block_k fp32) within 64 KiB. fp32 uses 16 rows when a mask bounds the
+// keys (a diagonal tile then wastes at most a 16 x 16 triangle), else 32 rows for D > 128 and 64 up to
+// it; 16-bit K/V are widened once per tile, so 64 rows share that work. Past D = 256 the L2 sizes above.
+// Chosen by measurement on a Zen 4 core (+5-10% over 256 x 64 at D = 32-256, causal +10-20%).
 inline Tiling choose_forward_tiling(const FwdParams& p, bool fp32) {
   Tiling t = choose_tiling(p.seq_q, p.head_dim);
   if (p.head_dim > 256) return t;
   const int64_t rows = !fp32 ? 64 : hides_keys(p.mask) ? 16 : p.head_dim > 128 ? 32 : 64;
   t.block_q = std::max<int64_t>(1, std::min<int64_t>(rows, p.seq_q));
-  t.block_k = 256;
+  t.prefetch_next = forward_prefetches_next(p);
+  t.block_k = p.head_dim > 128 && t.prefetch_next ? 128 : 256;
   t.group = forward_query_group(p, t.block_q);
   return t;
 }

@@ -13,6 +13,7 @@
 #include "attnext/params.h"
 #include "attnext/reference.h"
 #include "cpu/cpu_attention.h"
+#include "cpu/tiling.h"
 
 using namespace attnext;
 
@@ -185,10 +186,38 @@ void test_mask_rules() {
   expect(tile_fully_visible(tl, 2, 3, 0, 2, 5) && !tile_fully_visible(tl, 0, 3, 0, 2, 5), "fully visible tiles");
 }
 
+// When the FMA forward requests each next key tile ahead: back-to-back rows, tiles past the L1, no mask
+// that bounds the keys; this tile and the next one (K and V) then fit half of a 1 MiB L2.
+void test_forward_tiling() {
+  struct Case { int64_t head_dim; DType dtype; bool strided, causal, prefetch; };
+  const Case cases[] = {{128, DType::kFloat32, false, false, true}, {256, DType::kFloat32, false, false, true},
+                        {144, DType::kFloat32, false, false, true}, {64, DType::kFloat32, false, false, true},
+                        {128, DType::kFloat16, false, false, true}, {32, DType::kFloat32, false, false, false},
+                        {64, DType::kBFloat16, false, false, false}, {128, DType::kFloat32, true, false, false},
+                        {256, DType::kFloat32, false, true, false}};
+  for (const Case& c : cases) {
+    FwdParams p;
+    p.batch = 1; p.heads_q = p.heads_kv = 4; p.seq_q = p.seq_k = 2048; p.head_dim = c.head_dim;
+    p.dtype = c.dtype; p.num_threads = 1;
+    p.k_stride = p.v_stride = c.strided ? Strides{p.seq_k * 4 * c.head_dim, c.head_dim, 4 * c.head_dim}
+                                        : contiguous(p.heads_kv, p.seq_k, c.head_dim);
+    p.mask = make_mask(c.causal ? MaskKind::kCausalTopLeft : MaskKind::kNone, p.seq_q, p.seq_k, -1, -1);
+    const bool fp32 = c.dtype == DType::kFloat32;
+    const cpu::Tiling t = cpu::choose_forward_tiling(p, fp32);
+    const std::string name = "forward tiling D" + std::to_string(c.head_dim) + (fp32 ? " fp32" : " 16-bit") +
+                             (c.strided ? " strided" : "") + (c.causal ? " causal" : "");
+    expect(t.prefetch_next == c.prefetch, name + ": requests the next key tile ahead");
+    if (t.prefetch_next)
+      expect(2 * 2 * t.block_k * c.head_dim * (fp32 ? 4 : 2) <= (int64_t{512} << 10),
+             name + ": this key tile and the next within 512 KiB");
+  }
+}
+
 }  // namespace
 
 int main() {
   test_mask_rules();
+  test_forward_tiling();
   const reference::Shape shapes[] = {
       {1, 1, 1, 1, 1, 1},     {1, 2, 1, 17, 17, 3},    {2, 4, 2, 113, 67, 40}, {1, 3, 3, 65, 130, 64},
       {1, 8, 1, 70, 203, 16}, {1, 2, 2, 129, 64, 130}, {1, 1, 1, 5, 0, 8},     {1, 2, 1, 1, 300, 72},  {1, 2, 1, 530, 300, 24}, {1, 1, 1, 300, 530, 144},
