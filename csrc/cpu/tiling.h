@@ -50,11 +50,11 @@ inline int64_t forward_query_group(const FwdParams& p, int64_t block_q) {
 }
 
 // Whether the FMA forward requests the next key tile's K and V rows while it works on the current one,
-// paced by its products (forward_impl.h). On a Zen 4 core this gained 2-5% at D = 128 and 256 (fp32
+// paced by its products (forward_impl.h). On a Zen 4 core this gained 2-3.5% at D = 128 and 256 (fp32
 // and fp16, one thread; 0-1% at two), where each query tile reads its head's K and V from the L3 or from
 // memory. Left to the hardware prefetchers: rows that do not lie back to back (they would be requested in
 // one burst, see LinesAhead), 256-key tiles within the 32 KiB L1 (D = 32 fp32 lost 2%), and masks that
-// bound the keys (16-row causal tiles lost 2-5% at two threads).
+// bound the keys (the pacing steps in the products of 16-row causal tiles cost 3-7% at two threads).
 inline bool forward_prefetches_next(const FwdParams& p) {
   const int64_t row_bytes = p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
   return p.k_stride.s == p.head_dim && p.v_stride.s == p.head_dim && 256 * row_bytes > (int64_t{32} << 10) &&
