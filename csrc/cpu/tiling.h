@@ -55,10 +55,12 @@ inline int64_t forward_query_group(const FwdParams& p, int64_t block_q) {
 // memory. Left to the hardware prefetchers: rows that do not lie back to back (they would be requested in
 // one burst, see LinesAhead), 256-key tiles within the 32 KiB L1 (D = 32 fp32 lost 2%), and masks that
 // bound the keys (the pacing steps in the products of 16-row causal tiles cost 3-7% at two threads).
+constexpr int64_t kForwardBlockK = 256;  // the FMA forward's key tile (halved past D = 128 when requesting ahead)
+
 inline bool forward_prefetches_next(const FwdParams& p) {
   const int64_t row_bytes = p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
-  return p.k_stride.s == p.head_dim && p.v_stride.s == p.head_dim && 256 * row_bytes > (int64_t{32} << 10) &&
-         !hides_keys(p.mask);
+  return p.k_stride.s == p.head_dim && p.v_stride.s == p.head_dim &&
+         kForwardBlockK * row_bytes > (int64_t{32} << 10) && !hides_keys(p.mask);
 }
 
 // Tiles of the FMA forward (forward_impl.h), which computes Sᵀ = Kj · Qiᵀ with the query rows as lanes.
@@ -74,7 +76,7 @@ inline Tiling choose_forward_tiling(const FwdParams& p, bool fp32) {
   const int64_t rows = !fp32 ? 64 : hides_keys(p.mask) ? 16 : p.head_dim > 128 ? 32 : 64;
   t.block_q = std::max<int64_t>(1, std::min<int64_t>(rows, p.seq_q));
   t.prefetch_next = forward_prefetches_next(p);
-  t.block_k = p.head_dim > 128 && t.prefetch_next ? 128 : 256;
+  t.block_k = p.head_dim > 128 && t.prefetch_next ? kForwardBlockK / 2 : kForwardBlockK;
   t.group = forward_query_group(p, t.block_q);
   return t;
 }
