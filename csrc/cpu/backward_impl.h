@@ -69,9 +69,9 @@ struct FmaBackward {
   static void load_keys(const BwdLayout& L, Scratch& w, const T* k, const T* v, int64_t nk) {
     const FwdParams& p = L.p->fwd;
     const int64_t D = p.head_dim, Dp = L.t.d_pad, nk_pad = round_up(nk, V::W);
-    pack_transposed<V>(k, p.k_stride.s, nk, D, w.k_t.data(), nk_pad);
+    pack_transposed<V>(k, p.k_stride.s, nk, D, 1.0f, w.k_t.data(), nk_pad);
     pack_rows<V>(k, p.k_stride.s, nk, D, p.scale, w.k_p.data(), Dp);
-    pack_transposed<V>(v, p.v_stride.s, nk, D, w.v_t.data(), nk_pad);
+    pack_transposed<V>(v, p.v_stride.s, nk, D, 1.0f, w.v_t.data(), nk_pad);
     std::fill(w.dk.begin(), w.dk.end(), 0.0f);
     std::fill(w.dv.begin(), w.dv.end(), 0.0f);
   }

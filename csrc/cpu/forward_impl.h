@@ -155,8 +155,7 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
     qt.m = w.m.data() + g * ld_q;
     qt.l = w.l.data() + g * ld_q;
     qt.alpha = w.alpha.data() + g * ld_q;
-    pack_transposed<V>(q + qt.i0 * p.q_stride.s, p.q_stride.s, qt.rows, D, qt.q_t, ld_q);
-    scale_row<V>(qt.q_t, D * ld_q, p.scale * kLog2e);
+    pack_transposed<V>(q + qt.i0 * p.q_stride.s, p.q_stride.s, qt.rows, D, p.scale * kLog2e, qt.q_t, ld_q);
     std::fill(qt.acc, qt.acc + qt.rows * Dp, 0.0f);
     std::fill(qt.m, qt.m + ld_q, kNegInf);
     std::fill(qt.l, qt.l + ld_q, 0.0f);

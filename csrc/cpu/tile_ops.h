@@ -71,14 +71,43 @@ void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, flo
   }
 }
 
-// dst[c][r] = src[r * row_stride + c] for r < rows, c < cols (a transpose); rows [rows, ld) are zero.
-template <class V, class T>
-void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst, int64_t ld) {
-  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * row_stride;
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = Convert<V>::to_float(s[c]);
+// x[i][l] <-> x[l][i] for V::W vectors x (a W x W transpose in registers): at each stride S, rows i and
+// i + S (bit S of i clear) exchange the blocks of S lanes that lie off the diagonal.
+template <class V, int S = V::W / 2>
+[[gnu::always_inline]] inline void transpose_block(typename V::T* x) {
+#pragma GCC unroll 16
+  for (int i = 0; i < V::W; ++i) {
+    if (i & S) continue;
+    const typename V::T a = x[i], b = x[i + S];
+    x[i] = V::template pick<S>(a, V::template swap<S>(b));
+    x[i + S] = V::template pick<S>(V::template swap<S>(a), b);
   }
+  if constexpr (S > 1) transpose_block<V, S / 2>(x);
+}
+
+// dst[c][r] = src[r * row_stride + c] * mul for r < rows, c < cols (a transpose); rows [rows, ld) are
+// zero. Whole W x W blocks go through registers; the edges element by element.
+template <class V, class T>
+void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float mul, float* dst,
+                     int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, 0.0f);
+  const typename V::T mv = V::set1(mul);
+  int64_t r = 0;
+  for (; r + V::W <= rows; r += V::W) {
+    int64_t c = 0;
+    for (; c + V::W <= cols; c += V::W) {
+      typename V::T x[V::W];
+#pragma GCC unroll 16
+      for (int i = 0; i < V::W; ++i) x[i] = load_float<V>(src + (r + i) * row_stride + c);
+      transpose_block<V>(x);
+#pragma GCC unroll 16
+      for (int i = 0; i < V::W; ++i) V::store(dst + (c + i) * ld + r, V::mul(x[i], mv));
+    }
+    for (; c < cols; ++c)
+      for (int64_t i = r; i < r + V::W; ++i) dst[c * ld + i] = Convert<V>::to_float(src[i * row_stride + c]) * mul;
+  }
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = Convert<V>::to_float(src[r * row_stride + c]) * mul;
 }
 
 // dst[r * row_stride + c] = src[r][c] * mul, converted to the storage type.
