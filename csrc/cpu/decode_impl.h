@@ -62,7 +62,10 @@ struct WidenedDot {
 // Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
 // accumulators take R·(W/R) products with no chain between them, and the W lane sums of the vector come
 // out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1 and are masked
-// later. ahead.next() is called once per key chunk read (scores_dot_steps times).
+// later. With one row (R = 1) the W keys of a vector are W rows of K: taken column by column they would
+// be read W rows at a time, out of address order, which the hardware prefetchers do not follow; there each
+// K row is read whole, in order, with the query chunks reloaded from L1. ahead.next() is called once per
+// key chunk read (scores_dot_steps times).
 template <class V, class Dot, int R, class TK>
 void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp, float mul,
                 float* s_t, LinesAhead& ahead) {
@@ -75,16 +78,25 @@ void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q
     typename V::T acc[V::W];
 #pragma GCC unroll 16
     for (auto& a : acc) a = V::zero();
-    for (int64_t c = 0; c < Dp; c += Dot::kCols) {
-      typename Dot::Chunk q_c[R];
+    if constexpr (R == 1) {
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) q_c[r] = Dot::load_q(q + r * Dp + c);
+      for (int kk = 0; kk < kKeys; ++kk)
+        for (int64_t c = 0; c < Dp; c += Dot::kCols) {
+          ahead.next(step++);
+          acc[kk] = Dot::add_product(acc[kk], Dot::load_k(kj[kk] + c), Dot::load_q(q + c));
+        }
+    } else {
+      for (int64_t c = 0; c < Dp; c += Dot::kCols) {
+        typename Dot::Chunk q_c[R];
 #pragma GCC unroll 16
-      for (int kk = 0; kk < kKeys; ++kk) {
-        ahead.next(step++);
-        const typename Dot::Chunk k_c = Dot::load_k(kj[kk] + c);
+        for (int r = 0; r < R; ++r) q_c[r] = Dot::load_q(q + r * Dp + c);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) acc[kk * R + r] = Dot::add_product(acc[kk * R + r], k_c, q_c[r]);
+        for (int kk = 0; kk < kKeys; ++kk) {
+          ahead.next(step++);
+          const typename Dot::Chunk k_c = Dot::load_k(kj[kk] + c);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) acc[kk * R + r] = Dot::add_product(acc[kk * R + r], k_c, q_c[r]);
+        }
       }
     }
     const typename V::T sums = transpose_sum<V>(acc);
@@ -231,11 +243,15 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R);
   const int64_t elem = sizeof(T), k_bytes = p.k_stride.s * elem, v_bytes = p.v_stride.s * elem;
   // Where K and V are each one block of rows in task order ((b, h, s) contiguous), the rows past this
-  // task's last key are the next task's first ones: they are requested ahead as well.
+  // task's last key are the next task's first ones: they are requested ahead as well. With one query row
+  // (R = 1) such K and V are two streams read in address order with one FMA per element, which the
+  // hardware prefetchers follow faster than the paced requests: nothing is requested there.
   const auto in_task_order = [&](const Strides& st) {
     return st.s == D && st.h == p.seq_k * D && (p.batch == 1 || st.b == p.heads_kv * st.h);
   };
-  const int64_t ahead_end = in_task_order(p.k_stride) && in_task_order(p.v_stride) ? kv_end + kPrefetchKeys : j_last;
+  const bool contiguous = in_task_order(p.k_stride) && in_task_order(p.v_stride);
+  const bool requests = !(contiguous && R == 1);
+  const int64_t ahead_end = contiguous ? kv_end + kPrefetchKeys : j_last;
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
@@ -245,7 +261,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     // read the current ones (the V rows ahead likewise in P · Vj below).
     for (int64_t j = 0; j < nk; j += kScoreKeys) {
       const int64_t n = std::min(kScoreKeys, nk - j);
-      const int64_t n_ahead = std::clamp<int64_t>(ahead_end - (j0 + j + kPrefetchKeys), 0, n);
+      const int64_t n_ahead = requests ? std::clamp<int64_t>(ahead_end - (j0 + j + kPrefetchKeys), 0, n) : 0;
       const T* k_ahead = kj + (j + kPrefetchKeys) * p.k_stride.s;
       const auto k_rows_ahead = [&](int64_t steps) { return lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, steps); };
       const T* k_j = kj + j * p.k_stride.s;
@@ -295,7 +311,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
 
     // acc += P · Vj (bf16 with D a multiple of 64: on pairs of keys, with P rounded to bf16)
-    const int64_t n_ahead = std::clamp<int64_t>(ahead_end - (j0 + kPrefetchKeys), 0, nk);
+    const int64_t n_ahead = requests ? std::clamp<int64_t>(ahead_end - (j0 + kPrefetchKeys), 0, nk) : 0;
     const auto v_rows_ahead = [&](int64_t steps) {
       return lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem, steps);
     };
