@@ -252,6 +252,10 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const bool contiguous = in_task_order(p.k_stride) && in_task_order(p.v_stride);
   const bool requests = !(contiguous && R == 1);
   const int64_t ahead_end = contiguous ? kv_end + kPrefetchKeys : j_last;
+  // Keys [from, from + n) as far as they are requested at all.
+  const auto keys_ahead = [&](int64_t from, int64_t n) {
+    return requests ? std::clamp<int64_t>(ahead_end - from, 0, n) : int64_t{0};
+  };
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
@@ -261,7 +265,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     // read the current ones (the V rows ahead likewise in P · Vj below).
     for (int64_t j = 0; j < nk; j += kScoreKeys) {
       const int64_t n = std::min(kScoreKeys, nk - j);
-      const int64_t n_ahead = requests ? std::clamp<int64_t>(ahead_end - (j0 + j + kPrefetchKeys), 0, n) : 0;
+      const int64_t n_ahead = keys_ahead(j0 + j + kPrefetchKeys, n);
       const T* k_ahead = kj + (j + kPrefetchKeys) * p.k_stride.s;
       const auto k_rows_ahead = [&](int64_t steps) { return lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, steps); };
       const T* k_j = kj + j * p.k_stride.s;
@@ -311,7 +315,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
 
     // acc += P · Vj (bf16 with D a multiple of 64: on pairs of keys, with P rounded to bf16)
-    const int64_t n_ahead = requests ? std::clamp<int64_t>(ahead_end - (j0 + kPrefetchKeys), 0, nk) : 0;
+    const int64_t n_ahead = keys_ahead(j0 + kPrefetchKeys, nk);
     const auto v_rows_ahead = [&](int64_t steps) {
       return lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem, steps);
     };
