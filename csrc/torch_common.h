@@ -7,6 +7,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -81,10 +82,12 @@ struct View4 {
 inline View4 view4(const char* op, const char* name, const Tensor& t, bool bshd) {
   check(t.dim() == 4, op, ": ", name, " must be a 4-D tensor ", bshd ? "(batch, seq, heads, head_dim)" :
         "(batch, heads, seq, head_dim)", ", got shape ", shape_text(t));
-  check(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim (stride 1), got stride ",
-        t.stride(3));
+  const auto size = t.sizes(), stride = t.strides();  // one call into torch each, not one per element
+  const bool empty = size[0] == 0 || size[1] == 0 || size[2] == 0 || size[3] == 0;
+  check(empty || size[3] <= 1 || stride[3] == 1, op, ": ", name,
+        " must have a contiguous last dim (stride 1), got stride ", stride[3]);
   const int h = bshd ? 2 : 1, s = bshd ? 1 : 2;
-  return {t.size(0), t.size(h), t.size(s), t.size(3), {t.stride(0), t.stride(h), t.stride(s)}};
+  return {size[0], size[h], size[s], size[3], {stride[0], stride[h], stride[s]}};
 }
 
 inline MaskKind to_mask_kind(const char* op, int64_t kind) {
@@ -168,11 +171,31 @@ inline void backward_params(BwdParams& bp, const char* op, const char* device, c
   bp.dout_stride = vd.stride;
 }
 
+// A new contiguous tensor of the given sizes and dtype on t's device. aoti_torch_empty_strided is one call
+// into torch; torch::stable::new_empty finds aten::new_empty by name and runs it through the dispatcher on
+// every call, which costs tens of microseconds when that path has left the caches (a call after other work).
+inline Tensor empty_on(const Tensor& t, const std::vector<int64_t>& sizes, ScalarType dtype) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= std::max<int64_t>(sizes[i], 1);
+  }
+  int32_t device_type, device_index;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
+  AtenTensorHandle handle;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
+      torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype)), device_type, device_index, &handle));
+  return Tensor(handle);
+}
+
 // A contiguous tensor shaped like t (same layout order), on t's device.
-inline Tensor empty_like_contiguous(const Tensor& t, std::optional<ScalarType> dtype = std::nullopt) {
+inline Tensor empty_like_contiguous(const Tensor& t) {
   std::vector<int64_t> sizes(t.dim());
   for (int64_t i = 0; i < t.dim(); ++i) sizes[i] = t.size(i);
-  return torch::stable::new_empty(t, sizes, dtype.value_or(t.scalar_type()));
+  return empty_on(t, sizes, t.scalar_type());
 }
 
 inline Strides strides_of(const Tensor& t, bool bshd) {
@@ -194,7 +217,7 @@ inline std::tuple<Tensor, Tensor, Tensor> allocate_gradients(BwdParams& bp, cons
 
 // An fp32 workspace of n floats on t's device, pointed to by bp.
 inline Tensor allocate_workspace(BwdParams& bp, const Tensor& t, int64_t n) {
-  Tensor ws = torch::stable::new_empty(t, {n}, ScalarType::Float);
+  Tensor ws = empty_on(t, {n}, ScalarType::Float);
   bp.workspace = static_cast<float*>(ws.mutable_data_ptr());
   bp.workspace_floats = n;
   return ws;

@@ -36,7 +36,7 @@ std::tuple<Tensor, Tensor> fwd_cpu(Tensor q, Tensor k, Tensor v, double scale, i
                                    int64_t wr, bool bshd, bool /*deterministic*/) {
   FwdParams p = cpu_params(kFwdOp, q, k, v, scale, mask_kind, wl, wr, bshd);
   Tensor out = empty_like_contiguous(q);
-  Tensor lse = torch::stable::new_empty(q, {p.batch, p.heads_q, p.seq_q}, ScalarType::Float);
+  Tensor lse = empty_on(q, {p.batch, p.heads_q, p.seq_q}, ScalarType::Float);
   p.out = out.mutable_data_ptr();
   p.out_stride = strides_of(out, bshd);
   p.lse = static_cast<float*>(lse.mutable_data_ptr());

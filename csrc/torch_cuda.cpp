@@ -64,7 +64,7 @@ std::tuple<Tensor, Tensor> fwd_cuda(Tensor q, Tensor k, Tensor v, double scale, 
   FwdParams p = cuda_params(kFwdOp, q, k, v, scale, mask_kind, wl, wr, bshd);
   torch::stable::accelerator::DeviceGuard guard(q.get_device());
   Tensor out = empty_like_contiguous(q);
-  Tensor lse = torch::stable::new_empty(q, {p.batch, p.heads_q, p.seq_q}, ScalarType::Float);
+  Tensor lse = empty_on(q, {p.batch, p.heads_q, p.seq_q}, ScalarType::Float);
   p.out = out.mutable_data_ptr();
   p.out_stride = strides_of(out, bshd);
   p.lse = static_cast<float*>(lse.mutable_data_ptr());
