@@ -16,7 +16,7 @@ from attnext import _nvtx, _ops
 
 _CAUSAL = {False: _ops.MASK_NONE, True: _ops.MASK_CAUSAL_TOP_LEFT, "top_left": _ops.MASK_CAUSAL_TOP_LEFT,
            "bottom_right": _ops.MASK_CAUSAL_BOTTOM_RIGHT}
-_LAYOUTS = ("bhsd", "bshd")
+_FWD, _FWD_INFERENCE = torch.ops.attnext.fwd.default, torch.ops.attnext.fwd_inference.default
 CUDA_MAX_HEAD_DIM = 256
 CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
 
@@ -70,20 +70,32 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
         -inf for rows with no visible key (whose output is 0).
     deterministic: a bitwise repeatable backward (the CPU backward always is).
     """
+    # The common call (CPU tensors, no mask, no NVTX) takes as few Python steps as it can: a call that follows
+    # other work (a model's other layers) finds this path out of the caches, where each step costs microseconds.
     op = "attnext.attention"
-    if layout not in _LAYOUTS:
+    if layout == "bhsd" or layout == "bshd":
+        bshd = layout == "bshd"
+    else:
         raise ValueError(f"{op}: layout={layout!r} is not supported (supported: 'bhsd', 'bshd')")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    _check_device(op, q)
-    kind, left, right = _mask_args(op, causal, window_size)
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        name, t = next((n, t) for n, t in (("q", q), ("k", k), ("v", v)) if not isinstance(t, torch.Tensor))
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not q.is_cpu:
+        _check_device(op, q)
+    if causal is False and type(window_size) is tuple and window_size == (-1, -1):
+        kind, left, right = _ops.MASK_NONE, -1, -1
+    else:
+        kind, left, right = _mask_args(op, causal, window_size)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fwd = torch.ops.attnext.fwd.default if grad else torch.ops.attnext.fwd_inference.default
-    with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, layout == "bshd"):
-        out, lse = fwd(q, k, v, float(scale), kind, left, right, layout == "bshd", deterministic)
+        d = q.shape[-1] if q.dim() > 0 else 0
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    grad = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
+    fwd = _FWD if grad else _FWD_INFERENCE
+    if _nvtx.op_ranges_enabled():
+        with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, bshd):
+            out, lse = fwd(q, k, v, float(scale), kind, left, right, bshd, deterministic)
+    else:
+        out, lse = fwd(q, k, v, float(scale), kind, left, right, bshd, deterministic)
     return (out, lse) if return_lse else out
 
 

@@ -72,6 +72,10 @@ ATTENTION_ERRORS = {
                                         r"\(supported with causal: -1 or 0\)"),
     "not_a_tensor": ([[1.0]], r(1, 2, 7, 8), r(1, 2, 7, 8), {}, TypeError,
                      r"attnext\.attention: q must be a torch\.Tensor, got list"),
+    "v_not_a_tensor": (r(1, 4, 5, 8), r(1, 2, 7, 8), 3.0, {}, TypeError,
+                       r"attnext\.attention: v must be a torch\.Tensor, got float"),
+    "window_list_no_mask": (r(1, 4, 5, 8), r(1, 2, 7, 8), r(1, 2, 7, 8), {"window_size": [-1, -2]}, ValueError,
+                            r"window_size=\[-1, -2\] is not supported"),
 }
 
 
