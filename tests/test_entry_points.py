@@ -42,3 +42,27 @@ def test_info_names_device_properties_torch_does_not_report():
     line = next(l for l in info_module.format_text(info).splitlines() if l.strip().startswith("cuda:0"))
     assert "None" not in line
     assert "L2 unknown" in line and "227.0 KiB per block (unknown per SM)" in line and "unknown per SM" in line
+
+
+def test_cpu_suite_judges_decode_rows_against_probes_beside_them(tmp_path):
+    out = tmp_path / "decode.md"
+    proc = run("attnext.bench", "--suite", "cpu", "--targets", "decode", "--decode-shapes", "1,4,2,1,64,16",
+               "--dtypes", "fp32", "--threads", "1", "--reps", "1", "--warmup", "0", "--markdown", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "bandwidth GB/s before / after" in out.read_text()
+
+
+def test_decode_fraction_uses_the_mean_of_the_probes_beside_the_row():
+    import torch
+
+    from attnext.bench import configs, targets
+
+    cfg = configs.DecodeConfig(torch.float32, 1, 4, 2, 1, 1000, 125)  # 2 * 2 * 1000 * 125 * 4 = 2 MB of K/V
+    header = {"bandwidth_gbs": {1: 100.0}}
+    decode = targets.TARGETS["decode"]
+    row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=0.1, peer_ms=0.2, bandwidth_before_gbs=20.0,
+                                          bandwidth_after_gbs=30.0), cfg, header)
+    assert row["attnext_kv_gbs"] == 20.0 and row["bandwidth_gbs"] == 25.0 and row["bandwidth_fraction"] == 0.8
+    assert targets.verdict(decode, dict(row, seqlen=1, disturbed=False, other_load=0.0))[0] == "pass"
+    row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=0.1, peer_ms=0.2), cfg, header)
+    assert row["bandwidth_gbs"] == 100.0 and row["bandwidth_fraction"] == 0.2

@@ -31,7 +31,9 @@ run and gets a result (pass, FAIL, not judged, inconclusive), judged against rat
 measured at the start of the run and printed in the header: the per-core FMA peak
 (torch.ops.attnext.cpu_fma_peak, best of 3 runs of ~0.3 s), the memory read bandwidth (x.sum() over
 256 MiB float32, median of 7) at each thread count, and how many cores' worth two threads get (the same
-FMA loop on 1 Python thread, then on 2 at once). The targets:
+FMA loop on 1 Python thread, then on 2 at once). Decode rows are judged against the mean of two
+bandwidth probes (median of 5) run just before and after each row, the thread rows against the cores'
+worth probed just before and after them. The targets:
 {targets}
   Run it with --threads 1,2 (the threads target needs both). --targets a,b picks targets; --dtypes,
   --modes, --causal and --shapes filter their configs, and --decode-shapes "B,Hq,Hkv,Sq,Sk,D;..." does

@@ -17,6 +17,7 @@ SLOW_PEER_MS = 3000.0  # a config whose first torch call takes longer is timed S
 SLOW_REPS = 5
 PEER = "sdpa"
 COLD_KV_BYTES = 128 * 1024 * 1024  # decode: K/V copies used in turn, well above the L3 cache (32 MiB here)
+BESIDE_RUNS = 5  # x.sum() passes of the bandwidth probe before and after each decode row
 
 
 def plan(args):
@@ -34,13 +35,20 @@ def all_configs(the_plan):
 def time_row(target, cfg, threads, args, device, ceil):
     """attnext against torch SDPA on one config: a timing row with the target's fields and verdict."""
     slow = SLOW_PEER_MS if args.reps > SLOW_REPS else None
-    cold = COLD_KV_BYTES if isinstance(cfg, configs.DecodeConfig) else 0
+    decode = isinstance(cfg, configs.DecodeConfig)
+    cold = COLD_KV_BYTES if decode else 0
+    # Decode rows are judged against the read bandwidth probed just before and after them: it moves by
+    # 20-30% within a run, more than the margin of many rows.
+    before = machine.read_bandwidth(threads, runs=BESIDE_RUNS) if decode else None
     with machine.OtherLoad() as load:
         timings, missing = timing.measure(cfg, device, args.reps, args.warmup, slow, SLOW_REPS, cold)
+    after = machine.read_bandwidth(threads, runs=BESIDE_RUNS) if decode else None
     if PEER not in timings:
         raise RuntimeError(f"attnext.bench: torch SDPA cannot run {cfg.label()}: {missing.get(PEER)}")
     row = timing.result_row(cfg, device, threads, PEER, timings["attnext"], timings[PEER])
     row.update(target=target.name, other_load=load.cores, disturbed=load.disturbed)
+    if decode:
+        row.update(bandwidth_before_gbs=before, bandwidth_after_gbs=after)
     targets.add_ceiling_fields(row, cfg, ceil)
     row["result"], row["reason"] = targets.verdict(target, row)
     return row
@@ -120,7 +128,7 @@ def run(the_plan, args, device, ceil, record):
     record.update(suite="cpu", targets=[dataclasses.asdict(t) for t, _ in the_plan], ceilings=ceil,
                   ceilings_at_end=end, rows=rows, reps=args.reps, warmup=args.warmup, threads=args.threads,
                   slow_rule={"peer_first_call_ms": SLOW_PEER_MS, "reps": SLOW_REPS},
-                  decode_cold_kv_bytes=COLD_KV_BYTES)
+                  decode_cold_kv_bytes=COLD_KV_BYTES, decode_bandwidth_beside_runs=BESIDE_RUNS)
     lines = target_report.report_lines(the_plan, rows, end, args.reps, args.warmup, SLOW_REPS, notes)
     if args.plot and rows:
         target_report.write_plot(args.plot, the_plan, rows)

@@ -96,10 +96,16 @@ def verdict(target, row):
 
 
 def add_ceiling_fields(row, cfg, ceil):
-    """Adds to a timing row what its target needs from the ceilings: % of FMA peak, or KV GB/s."""
+    """Adds to a timing row what its target needs from the ceilings: % of FMA peak, or KV GB/s against the
+    mean of the bandwidth probes beside the row (the header's where the row has none)."""
     if isinstance(cfg, configs.DecodeConfig):
         kv = cfg.kv_bytes()
-        bandwidth = ceil["bandwidth_gbs"].get(row["threads"])
+        beside = [row.get("bandwidth_before_gbs"), row.get("bandwidth_after_gbs")]
+        if None in beside:
+            bandwidth = ceil["bandwidth_gbs"].get(row["threads"])
+        else:
+            bandwidth = sum(beside) / 2
+        row["bandwidth_gbs"] = bandwidth
         row.update(heads_kv=cfg.heads_kv, seq_q=cfg.seq_q, seq_k=cfg.seq_k, kv_bytes=kv,
                    attnext_kv_gbs=kv / (row["attnext_ms"] * 1e-3) / 1e9,
                    peer_kv_gbs=kv / (row["peer_ms"] * 1e-3) / 1e9)
