@@ -125,12 +125,13 @@ def _sdpa_unsupported(query, key, value, attn_mask, dropout_p):
         return f"value head dim {value.shape[-1]} != query head dim {query.shape[-1]} is not supported"
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {query.dtype} is not supported (supported: float32, float16, bfloat16)"
-    if query.device.type == "cuda" and (reason := _cuda_unsupported(query, key, value)) is not None:
+    if query.is_cuda and (reason := _cuda_unsupported(query, key, value)) is not None:
         return reason
-    if query.device.type not in ("cpu", "cuda", "meta"):
+    if not (query.is_cpu or query.is_cuda or query.is_meta):
         return f"device {query.device} is not supported"
-    if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (query, key, value)):
-        return "inputs whose last dim is not contiguous are not supported"
+    for t in (query, key, value):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return "inputs whose last dim is not contiguous are not supported"
     return None
 
 
@@ -156,11 +157,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     is_causal is top-left aligned). Options the kernels do not cover yet (attn_mask, dropout_p > 0,
     other ranks or dtypes) fall back to torch's SDPA with a one-time warning; ATTNEXT_STRICT=1 makes
     every fallback an error."""
-    args = (query, key, value)
-    kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p)
     if reason is not None:
-        return _fallback(reason, *args, **kwargs)
+        return _fallback(reason, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, enable_gqa=enable_gqa)
     squeeze = query.dim() == 3
     if squeeze:  # (N, L, E): one head
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
