@@ -193,9 +193,8 @@ inline Tensor empty_on(const Tensor& t, const std::vector<int64_t>& sizes, Scala
 
 // A contiguous tensor shaped like t (same layout order), on t's device.
 inline Tensor empty_like_contiguous(const Tensor& t) {
-  std::vector<int64_t> sizes(t.dim());
-  for (int64_t i = 0; i < t.dim(); ++i) sizes[i] = t.size(i);
-  return empty_on(t, sizes, t.scalar_type());
+  const auto sizes = t.sizes();
+  return empty_on(t, std::vector<int64_t>(sizes.begin(), sizes.end()), t.scalar_type());
 }
 
 inline Strides strides_of(const Tensor& t, bool bshd) {
