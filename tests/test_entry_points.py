@@ -66,3 +66,15 @@ def test_decode_fraction_uses_the_mean_of_the_probes_beside_the_row():
     assert targets.verdict(decode, dict(row, seqlen=1, disturbed=False, other_load=0.0))[0] == "pass"
     row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=0.1, peer_ms=0.2), cfg, header)
     assert row["bandwidth_gbs"] == 100.0 and row["bandwidth_fraction"] == 0.2
+
+
+def test_bench_calls_times_each_entry_point_warm_and_cold(tmp_path):
+    out = tmp_path / "calls.json"
+    proc = run("attnext.bench", "--calls", "--dtypes", "float32", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["calls"]
+    entries = {"attention", "sdpa drop-in", "flash_attn_func", "torch sdpa"}
+    assert {r["entry"] for r in rows} == entries and {r["seq_k"] for r in rows} == {16, 1024}
+    assert all(r["warm_us"] > 0 and r["cold_us"] > 0 for r in rows)
+    assert all(r["warm_ratio"] == 1.0 for r in rows if r["entry"] == "torch sdpa")
+    assert "cold" in proc.stdout and "flash_attn_func" in proc.stdout

@@ -1,4 +1,4 @@
-"""`python -m attnext.bench`: correctness check, then attnext against torch SDPA, or `--memory`."""
+"""`python -m attnext.bench`: correctness check, then attnext against torch SDPA, or `--memory`, or `--calls`."""
 
 import argparse
 import datetime
@@ -13,12 +13,12 @@ import torch
 
 import attnext
 from attnext import _ops, info
-from attnext.bench import check, configs, cpu_suite, machine, memory, report, targets, timing
+from attnext.bench import calls, check, configs, cpu_suite, machine, memory, report, targets, timing
 from attnext.bench.console import Progress, log
 
 DESCRIPTION = ("Checks attnext against its reference on each benchmarked config (small sizes), then times it "
                "against torch.nn.functional.scaled_dot_product_attention in the same run; --memory measures "
-               "extra peak memory instead.")
+               "extra peak memory instead, --calls the time of one decode call, warm and cold.")
 EPILOG = """\
 suites:
   quick    {quick}
@@ -46,6 +46,9 @@ worth probed just before and after them. The targets:
 FLOPs: forward 4*B*H*S*S*D over the visible pairs (about half when causal), backward 2.5x, forward+backward 3.5x.
 Modes: fwd; bwd, the backward alone (its forward runs untimed before each timed backward); fwdbwd.
 On CUDA the peers are torch SDPA with each backend forced (flash, cudnn, efficient), timed with CUDA events.
+--calls times one call of attention, the SDPA drop-in, flash_attn_func and torch SDPA on a decode token
+(32 query heads on 8, 16 and 1024 keys, D = 128, on the CPU, --dtypes and --threads as given): warm, back to
+back, and cold, each call after reading 64 MiB, as after a model's other layers.
 ratio = peer ms / attnext ms: > 1 means attnext is faster.
 
 examples:
@@ -56,6 +59,7 @@ examples:
       --markdown benchmarks/results/cpu-targets.md --plot benchmarks/results/cpu-targets.png
   python -m attnext.bench --suite cpu --targets decode,threads --threads 1,2
   python -m attnext.bench --memory --memory-shape 1,8,4096,64
+  python -m attnext.bench --calls --dtypes bfloat16 --threads 1,2 --markdown calls.md
   python -m attnext.bench --suite gpu --slow-ms 20 --slow-reps 5 --json gpu.json --markdown gpu.md
 """.format(**{name: suite[2] for name, suite in configs.SUITES.items()},
            targets="\n".join(textwrap.fill(f"{t.name:<12} {t.text}", 104, initial_indent="  ",
@@ -88,6 +92,8 @@ def parse_args(argv):
                    help="measure extra peak memory of attnext and SDPA instead of timing")
     p.add_argument("--memory-shape", default="1,8,4096,64", help="B,H,S,D for --memory (default: 1,8,4096,64)")
     p.add_argument("--memory-dtype", default="float32", help="dtype for --memory (default: float32)")
+    p.add_argument("--calls", action="store_true",
+                   help="time one decode call of each entry point, warm and cold, instead (see below)")
     p.add_argument("--json", metavar="FILE", help="save all numbers, the machine and the command line as JSON")
     p.add_argument("--markdown", metavar="FILE", help="save the header and table as markdown")
     p.add_argument("--plot", metavar="FILE.png", help="save a bar chart of the FLOP rates (matplotlib)")
@@ -223,8 +229,8 @@ def timing_mode(cfgs, args, device, record, deadline=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    cpu_targets = args.suite == "cpu" and not args.memory
-    device = pick_device(args.device or ("cpu" if cpu_targets else None))
+    cpu_targets = args.suite == "cpu" and not args.memory and not args.calls
+    device = pick_device(args.device or ("cpu" if cpu_targets or args.calls else None))
     if cpu_targets and device.type != "cpu":
         raise SystemExit(f"attnext.bench: --suite cpu runs on the CPU, not on --device {args.device}")
     host = machine_info(device)
@@ -241,6 +247,8 @@ def main(argv=None):
     print("\n".join(header), flush=True)
     if args.memory:
         body = memory_mode(args, device, record)
+    elif args.calls:
+        body = calls.calls_mode(args, device, record, log)
     elif cpu_targets:
         plan = cpu_suite.plan(args)
         record.update(shapes=args.shape_list, decode_shapes=args.decode_shape_list, dtypes=args.dtypes,
