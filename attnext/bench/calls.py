@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import attnext
-from attnext.bench import configs, report
+from attnext.bench import configs, machine, report, timing
 
 EVICT_MIB = 64
 WARM_ROUNDS, RUN_LENGTH = 20, 10  # warm: 20 rounds of 10 timed calls back to back per entry point
@@ -47,20 +47,17 @@ def _time_calls(calls, rounds, run_length, before):
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def measure(shape, dtype, evict):
-    """Rows of one shape and dtype: each entry point's warm and cold µs and torch SDPA's over it."""
-    b, hq, hkv, sq, sk, d = shape
-    generator = torch.Generator().manual_seed(0)
-    q = torch.randn(b, hq, sq, d, generator=generator).to(dtype)
-    k, v = (torch.randn(b, hkv, sk, d, generator=generator).to(dtype) for _ in range(2))
-    calls = entry_points(q, k, v)
+def measure(cfg, evict):
+    """Rows of one configs.DecodeConfig: each entry point's warm and cold µs and torch SDPA's over it."""
+    case = timing.Case(cfg, torch.device("cpu"))
+    calls = entry_points(case.q, *case.kvs[0])
     with torch.inference_mode():
         for call in calls.values():
             call()
         warm = _time_calls(calls, WARM_ROUNDS, RUN_LENGTH, lambda: None)
         cold = _time_calls(calls, COLD_ROUNDS, 1, evict.sum)
-    return [dict(dtype=configs.DTYPE_NAMES[dtype], batch=b, heads=hq, heads_kv=hkv, seq_q=sq, seq_k=sk, head_dim=d,
-                 entry=name, threads=torch.get_num_threads(), warm_us=warm[name], cold_us=cold[name],
+    return [dict(dtype=cfg.dtype_name, batch=cfg.batch, heads=cfg.heads, heads_kv=cfg.heads_kv, seq_q=cfg.seq_q,
+                 seq_k=cfg.seq_k, head_dim=cfg.head_dim, entry=name, threads=torch.get_num_threads(), warm_us=warm[name], cold_us=cold[name],
                  warm_ratio=warm[PEER] / warm[name], cold_ratio=cold[PEER] / cold[name]) for name in calls]
 
 
@@ -68,14 +65,15 @@ def calls_mode(args, device, record, log):
     """--calls: every shape x dtype x thread count; returns the lines to print."""
     if device.type != "cpu":
         raise SystemExit(f"attnext.bench: --calls runs on the CPU, not on {device}")
-    evict = torch.ones(EVICT_MIB * 1024 * 1024 // 4)
+    evict = machine.read_buffer(EVICT_MIB)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for shape in SHAPES:
             for name in args.dtypes:
-                log(f"calls: {name} {shape}, {report.threads_text(threads)}")
-                rows += measure(shape, configs.DTYPES[name], evict)
+                cfg = configs.DecodeConfig(configs.DTYPES[name], *shape)
+                log(f"calls: {cfg.label()}, {report.threads_text(threads)}")
+                rows += measure(cfg, evict)
     record.update(calls=rows, calls_rule={"warm_rounds": WARM_ROUNDS, "run_length": RUN_LENGTH,
                                           "cold_rounds": COLD_ROUNDS, "evict_mib": EVICT_MIB})
     columns = ["dtype", "B", "Hq", "Hkv", "Sq", "Sk", "D", "threads", "entry point", "warm µs", "cold µs",

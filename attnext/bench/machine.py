@@ -41,19 +41,24 @@ def fma_peak(runs=3, seconds=0.3):
     return max(torch.ops.attnext.cpu_fma_peak(iters) for _ in range(runs))
 
 
-_probe_buffers = {}
+_buffers = {}
+
+
+def read_buffer(mib):
+    """A float32 tensor of `mib` MiB to read through, made once per size and kept, so that repeated probes
+    and evictions do not allocate (and fault in) it each time."""
+    if mib not in _buffers:
+        _buffers[mib] = torch.ones(mib * 1024 * 1024 // 4)
+    return _buffers[mib]
 
 
 def read_bandwidth(threads, runs=7, mib=BANDWIDTH_MIB):
-    """Memory read bandwidth in GB/s: x.sum() over a `mib` MiB float32 tensor at `threads` torch threads,
-    median of `runs`, after one untimed pass. The tensor is made once and kept, so that probes beside each
-    decode row do not allocate (and fault in) 256 MiB each time."""
+    """Memory read bandwidth in GB/s: x.sum() over read_buffer(mib) at `threads` torch threads, median of
+    `runs`, after one untimed pass."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        if mib not in _probe_buffers:
-            _probe_buffers[mib] = torch.ones(mib * 1024 * 1024 // 4)
-        x = _probe_buffers[mib]
+        x = read_buffer(mib)
         x.sum()
         times = []
         for _ in range(runs):
