@@ -21,6 +21,7 @@ namespace {
 constexpr float kLowest = std::numeric_limits<float>::lowest();
 constexpr int64_t kScoreKeys = 16;      // keys per step of the scores (a multiple of every W / R)
 constexpr int64_t kPrefetchKeys = 128;  // how far ahead K and V rows are requested
+constexpr int64_t kPageAheadKeys = 256;  // how far ahead each page of K and V rows is touched first
 
 struct DecodeLayout {
   const FwdParams* p;
@@ -252,6 +253,12 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const bool contiguous = in_task_order(p.k_stride) && in_task_order(p.v_stride);
   const bool requests = !(contiguous && R == 1);
   const int64_t ahead_end = contiguous ? kv_end + kPrefetchKeys : j_last;
+  // Where contiguous rows are requested, each 4 KiB page is touched once kPageAheadKeys ahead, twice as far
+  // as the lines: with 4 KiB pages every one needs a page walk, and a walk that waits on memory would
+  // otherwise hold up the paced requests to that page. On a Zen 4 core, K/V from memory on 4 KiB pages, 4 and
+  // 16 rows: 0.94-1.18x, median 1.05x, 15 of 18 alternating runs faster. (Strided rows: not measured.)
+  const bool page_requests = requests && contiguous;
+  const int64_t pages_end = kv_end + kPageAheadKeys;
   // Keys [from, from + n) as far as they are requested at all.
   const auto keys_ahead = [&](int64_t from, int64_t n) {
     return requests ? std::clamp<int64_t>(ahead_end - from, 0, n) : int64_t{0};
@@ -260,6 +267,11 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
     const T* vj = v + j0 * p.v_stride.s;
+    if (page_requests) {
+      const int64_t n_pages = std::clamp<int64_t>(pages_end - (j0 + kPageAheadKeys), 0, nk);
+      request_pages(kj + kPageAheadKeys * p.k_stride.s, n_pages * k_bytes);
+      request_pages(vj + kPageAheadKeys * p.v_stride.s, n_pages * v_bytes);
+    }
     // Sᵀ = Kj · Qᵀ  (nk_pad x R, base-2 logits), kScoreKeys keys at a time. The stream from memory is
     // the whole cost: the K rows kPrefetchKeys further on are requested at the pace of the products that
     // read the current ones (the V rows ahead likewise in P · Vj below).

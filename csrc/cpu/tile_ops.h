@@ -158,6 +158,13 @@ inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int6
   return ahead;
 }
 
+// One request per 4 KiB page of [first, first + bytes), ahead of the paced requests that will read the whole
+// pages: each page's address translation then happens here, off the path of the requests that stream it.
+inline void request_pages(const void* first, int64_t bytes) {
+  const char* begin = static_cast<const char*>(first);
+  for (int64_t byte = 0; byte < bytes; byte += 4096) __builtin_prefetch(begin + byte, 0, 1);
+}
+
 // Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
 // broadcast from memory and B rows loaded as vectors (16-bit B widened in registers). The accumulators
 // stay in registers for all K; every loop over R or NV is unrolled so that the compiler keeps acc in
