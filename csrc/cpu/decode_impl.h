@@ -253,11 +253,12 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const bool contiguous = in_task_order(p.k_stride) && in_task_order(p.v_stride);
   const bool requests = !(contiguous && R == 1);
   const int64_t ahead_end = contiguous ? kv_end + kPrefetchKeys : j_last;
-  // Where contiguous rows are requested, each 4 KiB page is touched once kPageAheadKeys ahead, twice as far
-  // as the lines: with 4 KiB pages every one needs a page walk, and a walk that waits on memory would
-  // otherwise hold up the paced requests to that page. On a Zen 4 core, K/V from memory on 4 KiB pages, 4 and
-  // 16 rows: 0.94-1.18x, median 1.05x, 15 of 18 alternating runs faster. (Strided rows: not measured.)
-  const bool page_requests = requests && contiguous;
+  // With contiguous rows each 4 KiB page is also touched once kPageAheadKeys ahead, twice as far as the
+  // line requests: on 4 KiB pages every one needs a page walk, and a walk that waits on memory would
+  // otherwise hold up the stream into that page, whether the lines are requested (a few rows) or left to
+  // the hardware prefetchers (one row), which stop at each page boundary. On a Zen 4 core, K/V from memory:
+  // 1.03-1.28x with 4 or 16 rows, 1.02-1.27x with one (alternating runs, docs/benchmarks.md).
+  // (Strided rows: not measured.)
   const int64_t pages_end = kv_end + kPageAheadKeys;
   // Keys [from, from + n) as far as they are requested at all.
   const auto keys_ahead = [&](int64_t from, int64_t n) {
@@ -267,7 +268,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
     const T* vj = v + j0 * p.v_stride.s;
-    if (page_requests) {
+    if (contiguous) {
       const int64_t n_pages = std::clamp<int64_t>(pages_end - (j0 + kPageAheadKeys), 0, nk);
       request_pages(kj + kPageAheadKeys * p.k_stride.s, n_pages * k_bytes);
       request_pages(vj + kPageAheadKeys * p.v_stride.s, n_pages * v_bytes);
