@@ -257,7 +257,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   // line requests: on 4 KiB pages every one needs a page walk, and a walk that waits on memory would
   // otherwise hold up the stream into that page, whether the lines are requested (a few rows) or left to
   // the hardware prefetchers (one row), which stop at each page boundary. On a Zen 4 core, K/V from memory:
-  // 1.03-1.28x with 4 or 16 rows, 1.02-1.27x with one (alternating runs, docs/benchmarks.md).
+  // one row 1.14-1.20x, 4 rows 0.96-1.17x, 16 rows 0.95-1.08x (docs/architecture.md).
   // (Strided rows: not measured.)
   const int64_t pages_end = kv_end + kPageAheadKeys;
   // Keys [from, from + n) as far as they are requested at all.
