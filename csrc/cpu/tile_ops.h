@@ -158,8 +158,9 @@ inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int6
   return ahead;
 }
 
-// One request per 4 KiB page of [first, first + bytes), ahead of the paced requests that will read the whole
-// pages: each page's address translation then happens here, off the path of the requests that stream it.
+// One request per 4 KiB page of [first, first + bytes), well ahead of the stream that will read the pages
+// whole (paced requests or the hardware prefetchers): each page's address translation happens here, off
+// that stream's path.
 inline void request_pages(const void* first, int64_t bytes) {
   const char* begin = static_cast<const char*>(first);
   for (int64_t byte = 0; byte < bytes; byte += 4096) __builtin_prefetch(begin + byte, 0, 1);
