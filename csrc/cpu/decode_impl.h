@@ -264,6 +264,14 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   const auto keys_ahead = [&](int64_t from, int64_t n) {
     return requests ? std::clamp<int64_t>(ahead_end - from, 0, n) : int64_t{0};
   };
+  // The task's own first pages: the task before it in memory may have run on another core, and a page
+  // walk fills the TLB of the core that made it (two threads, 1k keys, one or four rows per K/V row:
+  // 0.89-1.43x, 16 of 21 alternating runs faster, fp32 with 32 KV heads 7 of 7).
+  if (contiguous) {
+    const int64_t n_first = std::min(kPageAheadKeys, j_last - j_first);
+    request_pages(k + j_first * p.k_stride.s, n_first * k_bytes);
+    request_pages(v + j_first * p.v_stride.s, n_first * v_bytes);
+  }
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
     const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
     const T* kj = k + j0 * p.k_stride.s;
