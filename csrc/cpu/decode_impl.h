@@ -246,7 +246,8 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
   // Where K and V are each one block of rows in task order ((b, h, s) contiguous), the rows past this
   // task's last key are the next task's first ones: they are requested ahead as well. With one query row
   // (R = 1) such K and V are two streams read in address order with one FMA per element, which the
-  // hardware prefetchers follow faster than the paced requests: nothing is requested there.
+  // hardware prefetchers follow faster than the paced requests: no line is requested there (only each
+  // page once, below).
   const auto in_task_order = [&](const Strides& st) {
     return st.s == D && st.h == p.seq_k * D && (p.batch == 1 || st.b == p.heads_kv * st.h);
   };
