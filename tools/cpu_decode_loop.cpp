@@ -1,11 +1,13 @@
-// A torch-free timing loop over the CPU decode: one thread, one decode call after another, each on the next
+// A torch-free timing loop over the CPU decode: one decode call after another, each on the next
 // of enough copies of K and V to span 256 MiB, so that every call reads its K/V from memory. Prints the
-// median call time, the K/V bytes read per second and, beside it, a plain read of 256 MiB (the ceiling).
+// median call time, the K/V bytes read per second and, beside it, a plain read of 256 MiB by as many
+// threads (the ceiling).
 // Meant for A/B runs of two builds taking turns, and for perf, away from Python and the dispatcher.
 //
-//   attnext_cpu_decode_loop DTYPE HQ HKV SQ SK [--calls N] [--evict] [--huge-pages]
+//   attnext_cpu_decode_loop DTYPE HQ HKV SQ SK [--calls N] [--threads N] [--evict] [--huge-pages]
 //     DTYPE         float32 or bfloat16; D = 128
 //     --calls N     calls per K/V copy (default 9)
+//     --threads N   threads per call (default 1; started for each call, which adds tens of microseconds)
 //     --evict       read 64 MiB of other data before each call (as a model's other layers would)
 //     --huge-pages  ask for 2 MiB pages for K and V (madvise; needs transparent huge pages in madvise mode)
 #include <sys/mman.h>
@@ -18,6 +20,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu/cpu_attention.h"
@@ -28,17 +31,39 @@ using Clock = std::chrono::steady_clock;
 constexpr int64_t kHeadDim = 128;
 constexpr size_t kPage = size_t{2} << 20;
 
+int g_threads = 1;        // --threads
 volatile float g_sink;  // keeps the reads of the probe and the eviction from being optimised away
 
-void serial_for(int64_t n, void* ctx, attnext::RangeFn fn) { fn(ctx, 0, n); }
+// [0, n) in g_threads contiguous parts, the first on this thread and the others on threads started here.
+void threads_for(int64_t n, void* ctx, attnext::RangeFn fn) {
+  const int64_t parts = std::min<int64_t>(g_threads, n);
+  std::vector<std::thread> others;
+  for (int64_t t = 1; t < parts; ++t)
+    others.emplace_back([=] { fn(ctx, n * t / parts, n * (t + 1) / parts); });
+  if (n > 0) fn(ctx, 0, n / std::max<int64_t>(parts, 1));
+  for (auto& thread : others) thread.join();
+}
 
-// Reads n floats with 16 independent sums (vectorised without reassociation); returns the sum.
-float read_all(const std::vector<float>& x, size_t n) {
+// Reads x[begin, end) with 16 independent sums (vectorised without reassociation); returns the sum.
+float read_range(const float* x, size_t begin, size_t end) {
   float sums[16] = {};
-  for (size_t i = 0; i + 16 <= n; i += 16)
+  for (size_t i = begin; i + 16 <= end; i += 16)
     for (int lane = 0; lane < 16; ++lane) sums[lane] += x[i + lane];
   float total = 0.0f;
   for (float s : sums) total += s;
+  return total;
+}
+
+// The first n floats of x, read by g_threads threads side by side (the bandwidth at that thread count).
+float read_all(const std::vector<float>& x, size_t n) {
+  std::vector<float> partial(g_threads, 0.0f);
+  std::vector<std::thread> others;
+  for (int t = 1; t < g_threads; ++t)
+    others.emplace_back([&, t] { partial[t] = read_range(x.data(), n * t / g_threads, n * (t + 1) / g_threads); });
+  partial[0] = read_range(x.data(), 0, n / g_threads);
+  for (auto& thread : others) thread.join();
+  float total = 0.0f;
+  for (float s : partial) total += s;
   return total;
 }
 
@@ -68,7 +93,8 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   if (argc < 6) {
-    std::fprintf(stderr, "usage: %s float32|bfloat16 HQ HKV SQ SK [--calls N] [--evict] [--huge-pages]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s float32|bfloat16 HQ HKV SQ SK [--calls N] [--threads N] [--evict] [--huge-pages]\n",
+                 argv[0]);
     return 2;
   }
   const std::string dtype = argv[1];
@@ -83,12 +109,13 @@ int main(int argc, char** argv) {
   for (int i = 6; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--calls" && i + 1 < argc) calls = std::atoi(argv[++i]);
+    else if (arg == "--threads" && i + 1 < argc) g_threads = std::atoi(argv[++i]);
     else if (arg == "--evict") evict = true;
     else if (arg == "--huge-pages") huge_pages = true;
     else { std::fprintf(stderr, "attnext_cpu_decode_loop: unknown argument %s\n", arg.c_str()); return 2; }
   }
-  if (hq <= 0 || hkv <= 0 || hq % hkv != 0 || sq <= 0 || sk <= 0 || calls <= 0) {
-    std::fprintf(stderr, "attnext_cpu_decode_loop: need HQ a multiple of HKV, all sizes and --calls > 0\n");
+  if (hq <= 0 || hkv <= 0 || hq % hkv != 0 || sq <= 0 || sk <= 0 || calls <= 0 || g_threads <= 0) {
+    std::fprintf(stderr, "attnext_cpu_decode_loop: need HQ a multiple of HKV, all sizes, --calls and --threads > 0\n");
     return 2;
   }
 
@@ -114,8 +141,8 @@ int main(int argc, char** argv) {
   p.batch = 1, p.heads_q = hq, p.heads_kv = hkv, p.seq_q = sq, p.seq_k = sk, p.head_dim = kHeadDim;
   p.dtype = bf16 ? attnext::DType::kBFloat16 : attnext::DType::kFloat32;
   p.scale = 1.0f / std::sqrt(float(kHeadDim));
-  p.num_threads = 1;
-  p.parallel_for = serial_for;
+  p.num_threads = g_threads;
+  p.parallel_for = threads_for;
 
   std::vector<double> call_s, probe_gbs;
   float sink = 0.0f;
@@ -137,9 +164,9 @@ int main(int argc, char** argv) {
     }
   }
   const double t = median(call_s);
-  std::printf("%s Hq %ld Hkv %ld Sq %ld Sk %ld D %ld: %.3f ms, K/V %.1f GB/s, read probe %.1f GB/s%s%s\n",
-              dtype.c_str(), long(hq), long(hkv), long(sq), long(sk), long(kHeadDim), t * 1e3, 2 * kv_bytes / t / 1e9,
-              median(probe_gbs), evict ? ", evict" : "", huge_pages ? ", huge pages" : "");
+  std::printf("%s Hq %ld Hkv %ld Sq %ld Sk %ld D %ld, %d thread(s): %.3f ms, K/V %.1f GB/s, read probe %.1f GB/s%s%s\n",
+              dtype.c_str(), long(hq), long(hkv), long(sq), long(sk), long(kHeadDim), g_threads, t * 1e3,
+              2 * kv_bytes / t / 1e9, median(probe_gbs), evict ? ", evict" : "", huge_pages ? ", huge pages" : "");
   g_sink = sink;
   for (int64_t c = 0; c < copies; ++c) {
     std::free(k[c]);

@@ -266,8 +266,8 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     return requests ? std::clamp<int64_t>(ahead_end - from, 0, n) : int64_t{0};
   };
   // The task's own first pages: the task before it in memory may have run on another core, and a page
-  // walk fills the TLB of the core that made it (two threads, 1k keys, one or four rows per K/V row:
-  // 0.89-1.43x, 16 of 21 alternating runs faster, fp32 with 32 KV heads 7 of 7).
+  // walk fills the TLB of the core that made it (two threads, fp32, one row, 1k keys: 1.05-1.12x;
+  // elsewhere 0.96-1.02x; docs/architecture.md).
   if (contiguous) {
     const int64_t n_first = std::min(kPageAheadKeys, j_last - j_first);
     request_pages(k + j_first * p.k_stride.s, n_first * k_bytes);
