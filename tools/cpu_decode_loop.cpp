@@ -71,6 +71,10 @@ float read_all(const std::vector<float>& x, size_t n) {
 char* random_buffer(size_t bytes, bool bf16, bool huge_pages, std::mt19937& rng) {
   const size_t size = (bytes + kPage - 1) / kPage * kPage;
   char* buffer = static_cast<char*>(std::aligned_alloc(kPage, size));
+  if (buffer == nullptr) {
+    std::fprintf(stderr, "attnext_cpu_decode_loop: could not allocate %zu bytes\n", size);
+    std::exit(1);
+  }
   madvise(buffer, size, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
   std::normal_distribution<float> normal;
   for (size_t i = 0; i < bytes / (bf16 ? 2 : 4); ++i) {
