@@ -67,8 +67,8 @@ float read_all(const std::vector<float>& x, size_t n) {
   return total;
 }
 
-// `bytes` of random values of the element type, on memory aligned to 2 MiB.
-char* random_buffer(size_t bytes, bool bf16, bool huge_pages, std::mt19937& rng) {
+// `bytes` of memory aligned to 2 MiB, on 2 MiB pages if asked for.
+char* aligned_buffer(size_t bytes, bool huge_pages) {
   const size_t size = (bytes + kPage - 1) / kPage * kPage;
   char* buffer = static_cast<char*>(std::aligned_alloc(kPage, size));
   if (buffer == nullptr) {
@@ -76,6 +76,12 @@ char* random_buffer(size_t bytes, bool bf16, bool huge_pages, std::mt19937& rng)
     std::exit(1);
   }
   madvise(buffer, size, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+  return buffer;
+}
+
+// `bytes` of random values of the element type.
+char* random_buffer(size_t bytes, bool bf16, bool huge_pages, std::mt19937& rng) {
+  char* buffer = aligned_buffer(bytes, huge_pages);
   std::normal_distribution<float> normal;
   for (size_t i = 0; i < bytes / (bf16 ? 2 : 4); ++i) {
     const float value = normal(rng);
@@ -85,6 +91,13 @@ char* random_buffer(size_t bytes, bool bf16, bool huge_pages, std::mt19937& rng)
     if (bf16) std::memcpy(buffer + 2 * i, &high, 2);
     else std::memcpy(buffer + 4 * i, &value, 4);
   }
+  return buffer;
+}
+
+// A copy of `bytes` at `source`, on memory of its own.
+char* copy_buffer(const char* source, size_t bytes, bool huge_pages) {
+  char* buffer = aligned_buffer(bytes, huge_pages);
+  std::memcpy(buffer, source, bytes);
   return buffer;
 }
 
@@ -127,9 +140,11 @@ int main(int argc, char** argv) {
   const int64_t copies = std::max<int64_t>(1, (int64_t{256} << 20) / int64_t(2 * kv_bytes) + 1);
   std::mt19937 rng(0);
   std::vector<char*> k, v;
-  for (int64_t c = 0; c < copies; ++c) {
-    k.push_back(random_buffer(kv_bytes, bf16, huge_pages, rng));
-    v.push_back(random_buffer(kv_bytes, bf16, huge_pages, rng));
+  k.push_back(random_buffer(kv_bytes, bf16, huge_pages, rng));
+  v.push_back(random_buffer(kv_bytes, bf16, huge_pages, rng));
+  for (int64_t c = 1; c < copies; ++c) {  // the same values at other addresses: each call reads from memory
+    k.push_back(copy_buffer(k[0], kv_bytes, huge_pages));
+    v.push_back(copy_buffer(v[0], kv_bytes, huge_pages));
   }
   char* q = random_buffer(size_t(hq * sq * kHeadDim) * elem, bf16, false, rng);
   std::vector<char> out(size_t(hq * sq * kHeadDim) * elem);
