@@ -2,6 +2,8 @@
 odd sizes, both causal alignments, fully masked rows, GQA/MQA, head dims, dtypes, windows and scale.
 Each case checks out, lse and dq/dk/dv (see helpers.check_attention)."""
 
+import math
+
 import pytest
 import torch
 
@@ -165,3 +167,19 @@ def test_large_scores_are_stable(cpu_unit):
     q, k, v = make_qkv(1, 2, 1, 50, 70, 64)
     got = check_attention(q * 8, k * 8, v, causal="bottom_right", dlse=True)
     assert torch.isfinite(got["lse"]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,hq,hkv", [(1, 1, 1), (4, 16, 4), (300, 2, 2)], ids=["decode", "decode16", "prefill"])
+def test_equal_scores_give_the_exact_mean(cpu_unit, dtype, sq, hq, hkv):
+    """Equal scores over 4096 keys, V = +1 on the first half and -1 on the second: every P is 2^0 = 1 and
+    the running maximum never moves, so no tile may rescale acc or l (a rescale by a factor a rounding
+    away from 1 weighs early keys against late ones) and the sums are exact: the output is exactly 0."""
+    sk, d = 4096, 64
+    q = torch.zeros(1, hq, sq, d, dtype=dtype)
+    k = torch.randn(1, hkv, sk, d).to(dtype)
+    v = torch.ones(1, hkv, sk, d, dtype=dtype)
+    v[:, :, sk // 2:] = -1
+    out, lse = attnext.attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)), f"max |out| {out.abs().max().item():.3g}"
+    assert torch.allclose(lse, torch.full_like(lse, math.log(sk)))
