@@ -1,12 +1,14 @@
 // A torch-free timing loop over the CPU decode: one decode call after another, each on the next
 // of enough copies of K and V to span 256 MiB, so that every call reads its K/V from memory. Prints the
-// median call time, the K/V bytes read per second and, beside it, a plain read of 256 MiB by as many
-// threads (the ceiling).
+// median call time, the K/V bytes read per second, the arithmetic rate (2 products of 2 flops per query
+// row, key and column) and, beside them, a plain read of 256 MiB by as many threads (the ceiling).
 // Meant for A/B runs of two builds taking turns, and for perf, away from Python and the dispatcher.
 //
-//   attnext_cpu_decode_loop DTYPE HQ HKV SQ SK [--calls N] [--threads N] [--evict] [--huge-pages]
+//   attnext_cpu_decode_loop DTYPE HQ HKV SQ SK [--calls N] [--copies N] [--threads N] [--evict] [--huge-pages]
 //     DTYPE         float32 or bfloat16; D = 128
 //     --calls N     calls per K/V copy (default 9)
+//     --copies N    K/V copies to take turns (default: enough to span 256 MiB; 1 keeps a small K/V in the
+//                   caches, which times the arithmetic instead of the stream)
 //     --threads N   threads per call (default 1; started for each call, which adds tens of microseconds)
 //     --evict       read 64 MiB of other data before each call (as a model's other layers would)
 //     --huge-pages  ask for 2 MiB pages for K and V (madvise; needs transparent huge pages in madvise mode)
@@ -110,7 +112,8 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   if (argc < 6) {
-    std::fprintf(stderr, "usage: %s float32|bfloat16 HQ HKV SQ SK [--calls N] [--threads N] [--evict] [--huge-pages]\n",
+    std::fprintf(stderr, "usage: %s float32|bfloat16 HQ HKV SQ SK [--calls N] [--copies N] [--threads N] [--evict] "
+                 "[--huge-pages]\n",
                  argv[0]);
     return 2;
   }
@@ -122,22 +125,26 @@ int main(int argc, char** argv) {
   const bool bf16 = dtype == "bfloat16";
   const int64_t hq = std::atoll(argv[2]), hkv = std::atoll(argv[3]), sq = std::atoll(argv[4]), sk = std::atoll(argv[5]);
   int calls = 9;
+  int64_t copies = 0;
   bool evict = false, huge_pages = false;
   for (int i = 6; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--calls" && i + 1 < argc) calls = std::atoi(argv[++i]);
+    else if (arg == "--copies" && i + 1 < argc) copies = std::atoll(argv[++i]);
     else if (arg == "--threads" && i + 1 < argc) g_threads = std::atoi(argv[++i]);
     else if (arg == "--evict") evict = true;
     else if (arg == "--huge-pages") huge_pages = true;
     else { std::fprintf(stderr, "attnext_cpu_decode_loop: unknown argument %s\n", arg.c_str()); return 2; }
   }
-  if (hq <= 0 || hkv <= 0 || hq % hkv != 0 || sq <= 0 || sk <= 0 || calls <= 0 || g_threads <= 0) {
-    std::fprintf(stderr, "attnext_cpu_decode_loop: need HQ a multiple of HKV, all sizes, --calls and --threads > 0\n");
+  if (hq <= 0 || hkv <= 0 || hq % hkv != 0 || sq <= 0 || sk <= 0 || calls <= 0 || copies < 0 ||
+      g_threads <= 0) {
+    std::fprintf(stderr,
+                 "attnext_cpu_decode_loop: need HQ a multiple of HKV, all sizes, --calls, --copies and --threads > 0\n");
     return 2;
   }
 
   const size_t elem = bf16 ? 2 : 4, kv_bytes = size_t(hkv * sk * kHeadDim) * elem;
-  const int64_t copies = std::max<int64_t>(1, (int64_t{256} << 20) / int64_t(2 * kv_bytes) + 1);
+  if (copies == 0) copies = std::max<int64_t>(1, (int64_t{256} << 20) / int64_t(2 * kv_bytes) + 1);
   std::mt19937 rng(0);
   std::vector<char*> k, v;
   k.push_back(random_buffer(kv_bytes, bf16, huge_pages, rng));
@@ -176,16 +183,19 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "attnext_cpu_decode_loop: forward failed: %s\n", attnext::status_string(status));
       return 1;
     }
-    if (i % copies == 0) {
+    if (i % std::max<int64_t>(copies, calls) == 0) {  // once per pass over the copies, or once in all
       const auto r0 = Clock::now();
       sink += read_all(other, other.size());
       probe_gbs.push_back(other.size() * 4 / std::chrono::duration<double>(Clock::now() - r0).count() / 1e9);
     }
   }
   const double t = median(call_s);
-  std::printf("%s Hq %ld Hkv %ld Sq %ld Sk %ld D %ld, %d thread(s): %.3f ms, K/V %.1f GB/s, read probe %.1f GB/s%s%s\n",
-              dtype.c_str(), long(hq), long(hkv), long(sq), long(sk), long(kHeadDim), g_threads, t * 1e3,
-              2 * kv_bytes / t / 1e9, median(probe_gbs), evict ? ", evict" : "", huge_pages ? ", huge pages" : "");
+  const double flops = 4.0 * double(hq * sq * sk * kHeadDim);
+  std::printf("%s Hq %ld Hkv %ld Sq %ld Sk %ld D %ld, %d thread(s), %ld copies: %.3f ms, K/V %.1f GB/s, "
+              "%.1f GFLOP/s, read probe %.1f GB/s%s%s\n",
+              dtype.c_str(), long(hq), long(hkv), long(sq), long(sk), long(kHeadDim), g_threads, long(copies),
+              t * 1e3, 2 * kv_bytes / t / 1e9, flops / t / 1e9, median(probe_gbs), evict ? ", evict" : "",
+              huge_pages ? ", huge pages" : "");
   g_sink = sink;
   for (int64_t c = 0; c < copies; ++c) {
     std::free(k[c]);
