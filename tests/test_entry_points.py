@@ -58,7 +58,7 @@ def test_decode_fraction_uses_the_mean_of_the_probes_beside_the_row():
     from attnext.bench import configs, targets
 
     cfg = configs.DecodeConfig(torch.float32, 1, 4, 2, 1, 1000, 125)  # 2 * 2 * 1000 * 125 * 4 = 2 MB of K/V
-    header = {"bandwidth_gbs": {1: 100.0}}
+    header = {"bandwidth_gbs": {1: 100.0}, "fma_peak_gflops": 100.0}
     decode = targets.TARGETS["decode"]
     row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=0.1, peer_ms=0.2, bandwidth_before_gbs=20.0,
                                           bandwidth_after_gbs=30.0), cfg, header)
@@ -66,6 +66,30 @@ def test_decode_fraction_uses_the_mean_of_the_probes_beside_the_row():
     assert targets.verdict(decode, dict(row, seqlen=1, disturbed=False, other_load=0.0))[0] == "pass"
     row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=0.1, peer_ms=0.2), cfg, header)
     assert row["bandwidth_gbs"] == 100.0 and row["bandwidth_fraction"] == 0.2
+
+
+def test_decode_rows_bound_by_the_arithmetic_say_so():
+    """16 query rows per K/V row do 8 flops per fp32 byte: at 100 GFLOP/s a core reads at most 12.5 GB/s,
+    62.5% of 20 GB/s, which the FAIL names; bf16 has half the bytes and, on vdpbf16ps, twice the rate."""
+    import torch
+
+    from attnext.bench import configs, targets
+
+    header = {"bandwidth_gbs": {1: 20.0, 2: 20.0}, "fma_peak_gflops": 100.0, "bf16_products_per_lane": 2}
+    decode = targets.TARGETS["decode"]
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = configs.DecodeConfig(dtype, 1, 32, 8, 4, 8192, 128)
+        row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=10.0, peer_ms=20.0), cfg, header)
+        assert abs(row["arithmetic_cap_fraction"] - 0.625) < 1e-12
+        result, reason = targets.verdict(decode, dict(row, seqlen=1, disturbed=False, other_load=0.0))
+        assert result == "FAIL" and "(the FMA peak allows 62%)" in reason
+        two = targets.add_ceiling_fields(dict(threads=2, attnext_ms=10.0, peer_ms=20.0), cfg, header)
+        assert two["arithmetic_cap_fraction"] == 1.0
+    one_row = configs.DecodeConfig(torch.float32, 1, 32, 32, 1, 8192, 128)  # 0.5 flops per byte
+    row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=100.0, peer_ms=20.0), one_row, header)
+    assert row["arithmetic_cap_fraction"] == 1.0
+    result, reason = targets.verdict(decode, dict(row, seqlen=1, disturbed=False, other_load=0.0))
+    assert result == "FAIL" and "FMA peak" not in reason
 
 
 def test_bench_calls_times_each_entry_point_warm_and_cold(tmp_path):

@@ -243,6 +243,7 @@ def main(argv=None):
     if cpu_targets:
         log("measuring the ceilings")
         ceil = machine.ceilings(args.threads)
+        ceil["bf16_products_per_lane"] = machine.bf16_products_per_lane(host["cpu_unit"])
         header += machine.ceiling_lines(ceil, host["cpu_unit"])
     print("\n".join(header), flush=True)
     if args.memory:

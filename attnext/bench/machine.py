@@ -105,6 +105,13 @@ def ceilings(thread_counts):
             "cores_worth": cores_worth()}
 
 
+def bf16_products_per_lane(unit):
+    """Products per fp32 lane per instruction that attnext's bf16 decode runs on with CPU unit `unit`: 2 on
+    AVX512_BF16 (vdpbf16ps sums two bf16 products into each lane; both decode products run on it at
+    D = 128), else 1 (an FMA on widened values)."""
+    return 2 if unit == "avx512bf16" else 1
+
+
 def ceiling_lines(c, unit):
     """Header lines describing ceilings `c` (as returned by ceilings()); `unit` is attnext's CPU unit."""
     bandwidth = ", ".join(f"{n} thread{'s' if n > 1 else ''} {gbs:.1f} GB/s" for n, gbs in c["bandwidth_gbs"].items())

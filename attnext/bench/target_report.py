@@ -43,14 +43,19 @@ def _beside(row):
     return f"{row['bandwidth_before_gbs']:.1f} / {row['bandwidth_after_gbs']:.1f}"
 
 
+def _cap(row):
+    cap = row.get("arithmetic_cap_fraction")
+    return "?" if cap is None else f"{100 * cap:.0f}"
+
+
 def _decode_table(rows):
     columns = ["dtype", "B", "Hq", "Hkv", "Sq", "Sk", "D", "KV MiB", "threads", "reps", "attnext ms", "torch ms",
-               "attnext KV GB/s", "torch KV GB/s", "bandwidth GB/s before / after", "% bandwidth", "ratio", "others",
-               "result"]
+               "attnext KV GB/s", "torch KV GB/s", "bandwidth GB/s before / after", "% bandwidth",
+               "% bandwidth at FMA peak", "ratio", "others", "result"]
     body = [[r["dtype"], r["batch"], r["heads"], r["heads_kv"], r["seq_q"], r["seq_k"], r["head_dim"],
              f"{r['kv_bytes'] / MIB:.0f}", r["threads"], r["reps"], f"{r['attnext_ms']:.3f}", f"{r['peer_ms']:.3f}",
              f"{r['attnext_kv_gbs']:.1f}", f"{r['peer_kv_gbs']:.1f}", _beside(r), f"{100 * r['bandwidth_fraction']:.1f}",
-             f"{r['ratio']:.2f}", _others(r), _result(r)] for r in rows]
+             _cap(r), f"{r['ratio']:.2f}", _others(r), _result(r)] for r in rows]
     return report.table(columns, body)
 
 
@@ -92,7 +97,10 @@ def report_lines(the_plan, rows, end, reps, warmup, slow_reps, notes):
              "enable_gqa=True where Hkv < Hq, both without mask; KV GB/s = 2*B*Hkv*Sk*D*element size / time; "
              "each call takes the next of enough K/V copies to fill 128 MiB, so that it reads them from memory; "
              "% bandwidth = attnext KV GB/s / the mean of the read-bandwidth probes (x.sum() over "
-             f"{machine.BANDWIDTH_MIB} MiB) run just before and after the row at its thread count",
+             f"{machine.BANDWIDTH_MIB} MiB) run just before and after the row at its thread count; % bandwidth at FMA "
+             "peak = the most of that bandwidth the row's arithmetic (4*B*Hq*Sq*Sk*D flops) allows at the per-core FMA "
+             "peak times the threads (bf16: times the products per lane of attnext's CPU unit, 2 on avx512bf16); "
+             "below 80 the target cannot be met on this machine",
              "threads: attnext alone at 1 and 2 threads interleaved, the two-core probe run just before and after",
              "others: CPU time that other processes used, or the hypervisor stole, while the row was timed "
              f"(/proc/stat), in cores' worth; above {machine.BUSY_OTHERS} the row is disturbed: its result says so, "
