@@ -107,8 +107,9 @@ def ceilings(thread_counts):
 
 def bf16_products_per_lane(unit):
     """Products per fp32 lane per instruction that attnext's bf16 decode runs on with CPU unit `unit`: 2 on
-    AVX512_BF16 (vdpbf16ps sums two bf16 products into each lane; both decode products run on it at
-    D = 128), else 1 (an FMA on widened values)."""
+    AVX512_BF16 (vdpbf16ps sums two bf16 products into each lane; both decode products run on it where the
+    head dim is a multiple of 64, fewer elsewhere, so a cap taken from it is an upper bound), else 1 (an
+    FMA on widened values)."""
     return 2 if unit == "avx512bf16" else 1
 
 
