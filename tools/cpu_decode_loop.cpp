@@ -5,6 +5,7 @@
 // Meant for A/B runs of two builds taking turns, and for perf, away from Python and the dispatcher.
 //
 //   attnext_cpu_decode_loop DTYPE HQ HKV SQ SK [--calls N] [--copies N] [--threads N] [--evict] [--huge-pages]
+//                           [--bshd]
 //     DTYPE         float32 or bfloat16; D = 128
 //     --calls N     calls per K/V copy (default 9)
 //     --copies N    K/V copies to take turns (default: enough to span 256 MiB; 1 keeps a small K/V in the
@@ -12,6 +13,8 @@
 //     --threads N   threads per call (default 1; started for each call, which adds tens of microseconds)
 //     --evict       read 64 MiB of other data before each call (as a model's other layers would)
 //     --huge-pages  ask for 2 MiB pages for K and V (madvise; needs transparent huge pages in madvise mode)
+//     --bshd        K and V laid out (batch, key, head, dim), as FlashAttention's KV cache: a head's rows
+//                   are HKV x D elements apart (default: (batch, head, key, dim), each head's rows together)
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -113,7 +116,7 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   if (argc < 6) {
     std::fprintf(stderr, "usage: %s float32|bfloat16 HQ HKV SQ SK [--calls N] [--copies N] [--threads N] [--evict] "
-                 "[--huge-pages]\n",
+                 "[--huge-pages] [--bshd]\n",
                  argv[0]);
     return 2;
   }
@@ -126,7 +129,7 @@ int main(int argc, char** argv) {
   const int64_t hq = std::atoll(argv[2]), hkv = std::atoll(argv[3]), sq = std::atoll(argv[4]), sk = std::atoll(argv[5]);
   int calls = 9;
   int64_t copies = 0;
-  bool evict = false, huge_pages = false;
+  bool evict = false, huge_pages = false, bshd = false;
   for (int i = 6; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--calls" && i + 1 < argc) calls = std::atoi(argv[++i]);
@@ -134,12 +137,13 @@ int main(int argc, char** argv) {
     else if (arg == "--threads" && i + 1 < argc) g_threads = std::atoi(argv[++i]);
     else if (arg == "--evict") evict = true;
     else if (arg == "--huge-pages") huge_pages = true;
+    else if (arg == "--bshd") bshd = true;
     else { std::fprintf(stderr, "attnext_cpu_decode_loop: unknown argument %s\n", arg.c_str()); return 2; }
   }
   if (hq <= 0 || hkv <= 0 || hq % hkv != 0 || sq <= 0 || sk <= 0 || calls <= 0 || copies < 0 ||
       g_threads <= 0) {
-    std::fprintf(stderr,
-                 "attnext_cpu_decode_loop: need HQ a multiple of HKV, all sizes, --calls, --copies and --threads > 0\n");
+    std::fprintf(stderr, "attnext_cpu_decode_loop: need HQ a multiple of HKV, all sizes, --calls, --copies and "
+                         "--threads > 0\n");
     return 2;
   }
 
@@ -163,7 +167,8 @@ int main(int argc, char** argv) {
   p.out = out.data();
   p.lse = lse.data();
   p.q_stride = p.out_stride = {hq * sq * kHeadDim, sq * kHeadDim, kHeadDim};
-  p.k_stride = p.v_stride = {hkv * sk * kHeadDim, sk * kHeadDim, kHeadDim};
+  p.k_stride = p.v_stride = bshd ? attnext::Strides{hkv * sk * kHeadDim, kHeadDim, hkv * kHeadDim}
+                                 : attnext::Strides{hkv * sk * kHeadDim, sk * kHeadDim, kHeadDim};
   p.batch = 1, p.heads_q = hq, p.heads_kv = hkv, p.seq_q = sq, p.seq_k = sk, p.head_dim = kHeadDim;
   p.dtype = bf16 ? attnext::DType::kBFloat16 : attnext::DType::kFloat32;
   p.scale = 1.0f / std::sqrt(float(kHeadDim));
@@ -192,10 +197,10 @@ int main(int argc, char** argv) {
   const double t = median(call_s);
   const double flops = 4.0 * double(hq * sq * sk * kHeadDim);
   std::printf("%s Hq %ld Hkv %ld Sq %ld Sk %ld D %ld, %d thread(s), %ld copies: %.3f ms, K/V %.1f GB/s, "
-              "%.1f GFLOP/s, read probe %.1f GB/s%s%s\n",
+              "%.1f GFLOP/s, read probe %.1f GB/s%s%s%s\n",
               dtype.c_str(), long(hq), long(hkv), long(sq), long(sk), long(kHeadDim), g_threads, long(copies),
               t * 1e3, 2 * kv_bytes / t / 1e9, flops / t / 1e9, median(probe_gbs), evict ? ", evict" : "",
-              huge_pages ? ", huge pages" : "");
+              huge_pages ? ", huge pages" : "", bshd ? ", bshd" : "");
   g_sink = sink;
   for (int64_t c = 0; c < copies; ++c) {
     std::free(k[c]);
