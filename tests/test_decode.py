@@ -100,3 +100,19 @@ def test_decode_rows_ahead(cpu_unit, dtype, sq, group, sk, d, layout):
     strided rows (bshd, requested at once) in each form of the scores."""
     q, k, v = make_qkv(1, 2 * group, 2, sq, sk, d, dtype, layout)
     check_attention(q, k, v, layout=layout, grads=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,hq,hkv,d", [(1, 8, 8, 64), (1, 32, 8, 128), (4, 16, 4, 72), (3, 6, 2, 40),
+                                         (2, 4, 4, 128)], ids=lambda x: str(x))
+def test_decode_key_major_kv(cpu_unit, restore_threads, dtype, sq, hq, hkv, d):
+    """K/V laid out (batch, key, head, dim) as FlashAttention's KV cache, the filled part of a longer
+    buffer: the decode walks all KV heads of a batch together, tile by tile, with the keys split over
+    tasks by the thread count; a window leaves some splits without a visible key."""
+    cache_k, cache_v = torch.randn(2, 1500, hkv, d).to(dtype), torch.randn(2, 1500, hkv, d).to(dtype)
+    k, v = cache_k[:, :1100], cache_v[:, :1100]
+    q = torch.randn(2, sq, hq, d).to(dtype)
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        check_attention(q, k, v, layout="bshd", causal="bottom_right", grads=False, what=f"threads={n}")
+        check_attention(q, k, v, layout="bshd", window_size=(70, 0), grads=False, what=f"window, threads={n}")

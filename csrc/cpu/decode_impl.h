@@ -2,14 +2,16 @@
 // and a storage type T. The scores are computed transposed, Sᵀ = Kj · Qᵀ, with the query rows of all
 // heads of a GQA group side by side: each K and V row is read from memory once for the whole group, and
 // K needs no transpose. The key range of each (batch, KV head) is split over several tasks when there
-// are fewer heads than threads; the partial results are merged through their LSE.
+// are fewer heads than threads; the partial results are merged through their LSE. With K/V laid out
+// key-major ((batch, key, head, dim), FlashAttention's KV cache) a task walks all KV heads of a batch
+// together, tile by tile, so that it reads each tile's rows of all heads as one span.
 //
 // Sᵀ is stored key-major with R lanes per key (R = the rows rounded up): a vector holds W/R keys when
 // R < W, so that with one or a few rows the softmax still runs on full vectors.
 #pragma once
 
+#include "cpu/decode_ops.h"
 #include "cpu/tasks.h"
-#include "cpu/tile_ops.h"
 #include "cpu/tiling.h"
 #if defined(__AVX512BF16__)
 #include "cpu/decode_bf16_pairs.h"
@@ -18,10 +20,10 @@
 namespace attnext::cpu {
 namespace {
 
-constexpr float kLowest = std::numeric_limits<float>::lowest();
 constexpr int64_t kScoreKeys = 16;      // keys per step of the scores (a multiple of every W / R)
 constexpr int64_t kPrefetchKeys = 128;  // how far ahead K and V rows are requested
 constexpr int64_t kPageAheadKeys = 256;  // how far ahead each page of K and V rows is touched first
+constexpr int64_t kSpanBytes = 128 << 10;  // K (and V) bytes of all heads per tile when heads go together
 
 struct DecodeLayout {
   const FwdParams* p;
@@ -29,171 +31,42 @@ struct DecodeLayout {
   int64_t rows;   // Sq · group; row r = (head g = r / Sq, query i = r % Sq)
   int64_t R;      // lanes per key in Sᵀ: a power of two <= W/4 (dot form) or a multiple of W (gemm form)
   bool dot_form;  // few rows: dot products along the head dim, reduced W at a time
+  bool heads_together;  // K/V key-major: a task takes all KV heads of a batch over its keys
   int64_t n_split;
-  float* part;    // per task: acc (rows, d_pad), then m (rows), then l (rows)
+  float* part;    // per (batch, KV head, split): acc (rows, d_pad), then m (rows), then l (rows)
   int64_t part_floats() const { return rows * t.d_pad + 2 * rows; }
+  float* part_of(int64_t b, int64_t hk, int64_t split) const {
+    return part + ((b * p->heads_kv + hk) * n_split + split) * part_floats();
+  }
+};
+
+// The running state of one (batch, KV head) in a task: its query rows in the form the scores take (q:
+// Q · scale · log2 e, R rows of d_pad (dot form) or Qᵀ, head_dim rows of R (gemm form); q_bits: the bf16
+// query rows as they are, for bf16 pairs), m, l and alpha (one period of the lane pattern of Sᵀ:
+// max(R, W) floats) and acc (rows x d_pad).
+struct HeadState {
+  float *q, *m, *l, *alpha, *acc;
+  uint16_t* q_bits;
 };
 
 template <class V>
 struct DecodeScratch {
-  // q: Q · scale · log2 e, R rows of d_pad (dot form) or Qᵀ, head_dim rows of R (gemm form).
-  // m, l, alpha: one period of the lane pattern of Sᵀ (max(R, W) floats).
+  int64_t q_size, lane_size, acc_size;  // per head
   std::vector<float> q, k_p, v_p, s_t, m, l, alpha, acc;
-  std::vector<uint16_t> q_bits;  // the bf16 query rows as they are (dot form on bf16 pairs)
+  std::vector<uint16_t> q_bits;
   std::vector<uint32_t> p_pairs;  // P · Vj on bf16 pairs: the rows of P as pairs of keys, and their scratch
-  explicit DecodeScratch(const DecodeLayout& L)
-      : q(L.R * L.t.d_pad), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
-        s_t((L.t.block_k + V::W) * L.R), m(std::max<int64_t>(L.R, V::W)), l(m.size()), alpha(m.size()),
-        acc(L.rows * L.t.d_pad), q_bits(L.R * L.t.d_pad), p_pairs(2 * L.R * round_up(L.t.block_k / 2 + 1, 16)) {}
+  std::vector<char> k_rows;  // one head's K rows of a tile, copied together (decode_heads_task)
+  DecodeScratch(const DecodeLayout& L, int64_t heads)
+      : q_size(L.R * L.t.d_pad), lane_size(std::max<int64_t>(L.R, V::W)), acc_size(L.rows * L.t.d_pad),
+        q(heads * q_size), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
+        s_t((L.t.block_k + V::W) * L.R), m(heads * lane_size), l(m.size()), alpha(m.size()),
+        acc(heads * acc_size), q_bits(heads * q_size), p_pairs(2 * L.R * round_up(L.t.block_k / 2 + 1, 16)),
+        k_rows(L.heads_together && !L.dot_form ? L.t.block_k * L.p->head_dim * sizeof(float) : 0) {}
+  HeadState head(int64_t h) {
+    return {q.data() + h * q_size, m.data() + h * lane_size, l.data() + h * lane_size,
+            alpha.data() + h * lane_size, acc.data() + h * acc_size, q_bits.data() + h * q_size};
+  }
 };
-
-// The products of the dot form: K chunks widened to fp32 and FMA'd with the fp32 query rows (which carry
-// scale · log2 e), kCols columns per step.
-template <class V, class TK>
-struct WidenedDot {
-  using Q = float;
-  using Chunk = typename V::T;
-  static constexpr int kCols = V::W;
-  static Chunk load_q(const Q* q) { return V::load(q); }
-  static Chunk load_k(const TK* k) { return load_float<V>(k); }
-  static typename V::T add_product(typename V::T acc, Chunk k, Chunk q) { return V::fma(k, q, acc); }
-};
-
-// Sᵀ = Kj · Qᵀ · mul for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
-// Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
-// accumulators take R·(W/R) products with no chain between them, and the W lane sums of the vector come
-// out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1 and are masked
-// later. With one row (R = 1) the W keys of a vector are W rows of K: taken column by column they would
-// be read W rows at a time, out of address order, which the hardware prefetchers do not follow; there each
-// K row is read whole, in order, with the query chunks reloaded from L1. ahead.next() is called once per
-// key chunk read (scores_dot_steps times).
-template <class V, class Dot, int R, class TK>
-void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp, float mul,
-                float* s_t, LinesAhead& ahead) {
-  constexpr int kKeys = V::W / R;
-  int64_t step = 0;
-  for (int64_t j = 0; j < nk; j += kKeys) {
-    const TK* kj[kKeys];
-#pragma GCC unroll 16
-    for (int kk = 0; kk < kKeys; ++kk) kj[kk] = k + std::min(j + kk, nk - 1) * k_stride;
-    typename V::T acc[V::W];
-#pragma GCC unroll 16
-    for (auto& a : acc) a = V::zero();
-    if constexpr (R == 1) {
-#pragma GCC unroll 16
-      for (int kk = 0; kk < kKeys; ++kk)
-        for (int64_t c = 0; c < Dp; c += Dot::kCols) {
-          ahead.next(step++);
-          acc[kk] = Dot::add_product(acc[kk], Dot::load_k(kj[kk] + c), Dot::load_q(q + c));
-        }
-    } else {
-      for (int64_t c = 0; c < Dp; c += Dot::kCols) {
-        typename Dot::Chunk q_c[R];
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) q_c[r] = Dot::load_q(q + r * Dp + c);
-#pragma GCC unroll 16
-        for (int kk = 0; kk < kKeys; ++kk) {
-          ahead.next(step++);
-          const typename Dot::Chunk k_c = Dot::load_k(kj[kk] + c);
-#pragma GCC unroll 16
-          for (int r = 0; r < R; ++r) acc[kk * R + r] = Dot::add_product(acc[kk * R + r], k_c, q_c[r]);
-        }
-      }
-    }
-    const typename V::T sums = transpose_sum<V>(acc);
-    V::store(s_t + j * R, mul == 1.0f ? sums : V::mul(sums, V::set1(mul)));
-  }
-}
-
-template <class V, class Dot>
-constexpr int64_t scores_dot_steps(int64_t R, int64_t nk, int64_t Dp) {
-  const int64_t keys = V::W / R;
-  return (nk + keys - 1) / keys * keys * (Dp / Dot::kCols);
-}
-
-template <class V, class Dot, class TK>
-void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp,
-                float mul, float* s_t, LinesAhead& ahead) {
-  if (R == 1) return scores_dot<V, Dot, 1>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
-  if (R == 2) return scores_dot<V, Dot, 2>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
-  if constexpr (V::W >= 16) return scores_dot<V, Dot, 4>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
-}
-
-// acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
-// vectors of acc stay in registers over the whole key tile, and the Vj rows are read in order (whole rows
-// up to 8 vectors), which keeps the hardware prefetchers on the stream. ahead.next() runs pv_steps times.
-template <class V, int Rows, class TV>
-void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp,
-             LinesAhead& ahead) {
-  int64_t n = 0;
-  for (; n + 8 * V::W <= Dp; n += 8 * V::W)
-    gemm_block<V, Rows, 8>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
-  if (n + 4 * V::W <= Dp) {
-    gemm_block<V, Rows, 4>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
-    n += 4 * V::W;
-  }
-  for (; n < Dp; n += V::W) gemm_block<V, Rows, 1>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
-}
-
-template <class V>
-constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on AVX-512
-
-// With the rows as lanes (more than 4 rows on AVX-512) P · Vj runs in blocks of 4 rows x 4 vectors, so
-// each Vj element is loaded (and widened) once per 4 rows instead of per 2: +9-19% with 16 rows on a Zen 4
-// core. With 4 rows (the dot form) fp32 lost 2-10% that way: it keeps the 2 x 8 blocks. (bf16 with D a
-// multiple of 64 takes pv_pairs instead, decode_bf16_pairs.h.)
-template <class V>
-constexpr bool pv_quads(int64_t rows, int64_t Dp) {
-  return V::W == 16 && rows > 4 && Dp % (4 * V::W) == 0;
-}
-
-template <class V>
-constexpr int64_t pv_steps(int64_t rows, int64_t nk, int64_t Dp) {
-  const int64_t blocks = Dp / (8 * V::W) + (Dp % (8 * V::W) >= 4 * V::W) + Dp % (4 * V::W) / V::W;
-  const int64_t quads = pv_quads<V>(rows, Dp) ? rows / 4 : 0, rest = rows - 4 * quads;
-  return (quads * (Dp / (4 * V::W)) + (rest + kPassRows<V> - 1) / kPassRows<V> * blocks) * nk;
-}
-
-template <class V, class TV>
-void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp,
-        LinesAhead& ahead) {
-  constexpr int kRows = kPassRows<V>;
-  int64_t r = 0;
-  if (pv_quads<V>(rows, Dp)) {
-    for (; r + 4 <= rows; r += 4)
-      for (int64_t n = 0; n < Dp; n += 4 * V::W)
-        gemm_block<V, 4, 4>(nk, p_t + r, 1, R, v + n, v_stride, acc + r * Dp + n, Dp, true, &ahead);
-  }
-  for (; r < rows; r += kRows) {
-    if (r + kRows <= rows) pv_pass<V, kRows>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
-    else pv_pass<V, 1>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
-  }
-}
-
-// Online softmax over one key tile, per lane: m_new = max(m, max_j Sᵀ_j), Pᵀ = 2^(Sᵀ - m_new) in place,
-// alpha = 2^(m - m_new), l ← l·alpha + Σ_j Pᵀ_j. The lane pattern repeats every max(R, W) floats; m and
-// alpha hold the same value in every lane of a row, l its per-lane partial sums (folded at the end).
-template <class V>
-void online_softmax(float* s_t, int64_t n_vec, int64_t R, float* m, float* l, float* alpha) {
-  using VT = typename V::T;
-  const int64_t period = std::max<int64_t>(1, R / V::W);  // vectors per period of the pattern
-  for (int64_t c = 0; c < period; ++c) {
-    VT mx = V::set1(kNegInf), sum = V::zero();
-    for (int64_t v = c; v < n_vec; v += period) mx = V::max(mx, V::load(s_t + v * V::W));
-    mx = fold_lanes<V>(mx, R, [](VT a, VT b) { return V::max(a, b); });
-    const VT m_old = V::load(m + c * V::W), m_new = V::max(m_old, mx);
-    const VT shift = V::max(m_new, V::set1(kLowest));  // a row with nothing visible yet keeps P = 0
-    const VT a = V::exp2(V::sub(m_old, shift));
-    for (int64_t v = c; v < n_vec; v += period) {
-      const VT p = V::exp2(V::sub(V::load(s_t + v * V::W), shift));
-      V::store(s_t + v * V::W, p);
-      sum = V::add(sum, p);
-    }
-    V::store(m + c * V::W, m_new);
-    V::store(alpha + c * V::W, a);
-    V::store(l + c * V::W, V::fma(V::load(l + c * V::W), a, sum));
-  }
-}
 
 // The keys of [j0, j0 + nk) that row r may not see get -inf (only tiles on a mask boundary get here).
 inline void mask_lanes(const DecodeLayout& L, float* s_t, int64_t j0, int64_t nk) {
@@ -205,43 +78,194 @@ inline void mask_lanes(const DecodeLayout& L, float* s_t, int64_t j0, int64_t nk
   }
 }
 
+// Sᵀ (16 keys x 16 rows) = Kj · Qᵀ in one block of 16 accumulators: per column d, one Qᵀ vector and 16
+// K elements broadcast from rows ld apart. The rows are addressed as 4 bases plus 0-3 strides, the
+// strides hidden from the compiler's loop analysis (the empty asm): left to itself, GCC kept 16 row
+// addresses and, out of registers, moved some of them from vector registers at every step (7-12% slower).
+template <class V>
+void scores_rows16(int64_t D, const float* k, int64_t ld, const float* q_t, float* s_t, LinesAhead& ahead) {
+  typename V::T acc[kScoreKeys];
+#pragma GCC unroll 16
+  for (auto& a : acc) a = V::zero();
+  const float* base[4] = {k, k + 4 * ld, k + 8 * ld, k + 12 * ld};
+  for (int64_t d = 0; d < D; ++d) {
+    ahead.next(d);
+    int64_t ld1 = ld;
+    asm("" : "+r"(ld1));
+    const int64_t off[4] = {d, d + ld1, d + 2 * ld1, d + 3 * ld1};
+    const typename V::T q = V::load(q_t + d * V::W);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g)
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[4 * g + i] = V::fma(V::set1(base[g][off[i]]), q, acc[4 * g + i]);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kScoreKeys; ++i) V::store(s_t + i * V::W, acc[i]);
+}
+
+// Which bf16 pair products a head takes: in the dot form (pairs) or with the rows as lanes (lane_pairs).
+template <class T>
+void pair_forms([[maybe_unused]] const DecodeLayout& L, bool* pairs, bool* lane_pairs) {
+  *pairs = *lane_pairs = false;
+#if defined(__AVX512BF16__)
+  const int64_t D = L.p->head_dim;
+  *pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
+  *lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && L.R == 16 && D % 2 == 0;
+#endif
+}
+
+// Q · scale · log2 e of KV head hk's rows in the form the scores use (or Q as it is, for bf16 pairs),
+// padding rows and columns zero; m = -inf, l = 0, acc = 0.
 template <class V, class T>
-void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t hk, int64_t split, float* part) {
+void start_head(const DecodeLayout& L, const HeadState& s, int64_t b, int64_t hk) {
   const FwdParams& p = *L.p;
   const int64_t D = p.head_dim, Dp = L.t.d_pad, R = L.R, group = p.heads_q / p.heads_kv;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
-
-  // Q · scale · log2 e in the form the scores use (or Q as it is, for bf16 pairs); padding rows and
-  // columns are zero.
-  const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
-  bool pairs = false, lane_pairs = false;  // bf16 pairs in the dot form / with the rows as lanes
-#if defined(__AVX512BF16__)
-  pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
-  lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && R == 16 && D % 2 == 0;
-#endif
-  std::fill(w.q.begin(), w.q.end(), 0.0f);
-  std::fill(w.q_bits.begin(), w.q_bits.end(), uint16_t{0});
+  bool pairs, lane_pairs;
+  pair_forms<T>(L, &pairs, &lane_pairs);
+  std::fill(s.q, s.q + R * Dp, 0.0f);
+  std::fill(s.q_bits, s.q_bits + R * Dp, uint16_t{0});
   for (int64_t r = 0; r < L.rows; ++r) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
-    if (pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&w.q_bits[r * Dp + d], q + d, 2);
-    else if (lane_pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&w.q_bits[d / 2 * 32 + r * 2 + d % 2], q + d, 2);
-    else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, w.q.data() + r * Dp, Dp);
-    else for (int64_t d = 0; d < D; ++d) w.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
+    if (pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&s.q_bits[r * Dp + d], q + d, 2);
+    else if (lane_pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&s.q_bits[d / 2 * 32 + r * 2 + d % 2], q + d, 2);
+    else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, s.q + r * Dp, Dp);
+    else for (int64_t d = 0; d < D; ++d) s.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
-  std::fill(w.m.begin(), w.m.end(), kNegInf);
-  std::fill(w.l.begin(), w.l.end(), 0.0f);
-  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  const int64_t lanes = std::max<int64_t>(R, V::W);
+  std::fill(s.m, s.m + lanes, kNegInf);
+  std::fill(s.l, s.l + lanes, 0.0f);
+  std::fill(s.acc, s.acc + L.rows * Dp, 0.0f);
+}
 
-  // This split's share of the visible keys: whole key tiles, dealt out in contiguous runs.
-  int64_t kv_begin, kv_end;
-  tile_key_range(p.mask, 0, p.seq_q, p.seq_k, &kv_begin, &kv_end);
-  const int64_t n_tiles = (kv_end - kv_begin + L.t.block_k - 1) / L.t.block_k;
+// One key tile [j0, j0 + nk) of one head (K rows from kj, k_ld elements apart; V rows likewise):
+// Sᵀ = Kj · Qᵀ, the online softmax, acc = acc · alpha + P · Vj. k_ahead(j, n, steps) and v_ahead(steps)
+// give the LinesAhead that the products of the score chunk at key j (n keys) and of P · Vj step while they
+// run.
+template <class V, class T, class KAhead, class VAhead>
+void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s, const T* kj, int64_t k_ld,
+                 const T* vj, int64_t v_ld, int64_t j0, int64_t nk, const KAhead& k_ahead, const VAhead& v_ahead) {
+  const FwdParams& p = *L.p;
+  const int64_t D = p.head_dim, Dp = L.t.d_pad, R = L.R;
+  const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
+  bool pairs, lane_pairs;
+  pair_forms<T>(L, &pairs, &lane_pairs);
+  const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R), nk_pad = round_up(nk, keys_per_vec);
+  // Sᵀ = Kj · Qᵀ  (nk_pad x R, base-2 logits), kScoreKeys keys at a time. The stream from memory is
+  // the whole cost: rows further on are requested at the pace of the products that read the current
+  // ones (k_ahead; v_ahead likewise in P · Vj below).
+  for (int64_t j = 0; j < nk; j += kScoreKeys) {
+    const int64_t n = std::min(kScoreKeys, nk - j);
+    const auto k_rows_ahead = [&](int64_t steps) { return k_ahead(j, n, steps); };
+    const T* k_j = kj + j * k_ld;
+    float* s_j = w.s_t.data() + j * R;
+    if (L.dot_form && in_place) {
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, Bf16>) {
+        if (pairs) {
+          LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, PairDot>(R, n, Dp));
+          scores_dot<V, PairDot>(R, k_j, k_ld, n, s.q_bits, Dp, p.scale * kLog2e, s_j, ahead);
+          continue;
+        }
+      }
+#endif
+      using Dot = WidenedDot<V, T>;
+      LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
+      scores_dot<V, Dot>(R, k_j, k_ld, n, s.q, Dp, 1.0f, s_j, ahead);
+    } else if (L.dot_form) {
+      using Dot = WidenedDot<V, float>;
+      LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
+      pack_rows<V>(k_j, k_ld, n, D, 1.0f, w.k_p.data(), Dp);
+      scores_dot<V, Dot>(R, w.k_p.data(), Dp, n, s.q, Dp, 1.0f, s_j, ahead);
+    } else {
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, Bf16>) {
+        if (lane_pairs) {
+          LinesAhead ahead = k_rows_ahead(pair_scores_steps(n, D));
+          pair_scores(k_j, k_ld, n, s.q_bits, D, p.scale * kLog2e, s_j, ahead);
+          continue;
+        }
+      }
+#endif
+      if constexpr (std::is_same_v<T, float> && V::W == 16) {
+        // One vector of rows (R = 16): the whole chunk of keys in one block of 16 accumulators, each Qᵀ
+        // vector loaded once for all of them (over the 8-key blocks of gemm: 1.02-1.08x in 14 of 15
+        // alternating runs, fp32 with K/V from memory, 8 and 16 rows).
+        if (R == V::W && n == kScoreKeys) {
+          LinesAhead ahead = k_rows_ahead(D);
+          scores_rows16<V>(D, k_j, k_ld, s.q, s_j, ahead);
+          continue;
+        }
+      }
+      LinesAhead ahead = k_rows_ahead(gemm_steps<V>(n, R, D));
+      if constexpr (std::is_same_v<T, float>) {
+        gemm<V>(n, R, D, k_j, k_ld, 1, s.q, R, s_j, R, false, &ahead);
+      } else {
+        pack_rows<V>(k_j, k_ld, n, D, 1.0f, w.k_p.data(), Dp);
+        gemm<V>(n, R, D, w.k_p.data(), Dp, 1, s.q, R, s_j, R, false, &ahead);
+      }
+    }
+  }
+  std::fill(w.s_t.data() + nk * R, w.s_t.data() + nk_pad * R, kNegInf);
+  if (!tile_fully_visible(p.mask, 0, p.seq_q, j0, j0 + nk, p.seq_k)) mask_lanes(L, w.s_t.data(), j0, nk);
+
+  online_softmax<V>(w.s_t.data(), nk_pad * R / V::W, R, s.m, s.l, s.alpha);
+  for (int64_t r = 0; r < L.rows; ++r)
+    if (s.alpha[r] != 1.0f) scale_row<V>(s.acc + r * Dp, Dp, s.alpha[r]);
+
+  // acc += P · Vj (bf16 with D a multiple of 64: on pairs of keys, with P rounded to bf16)
+  const auto v_rows_ahead = [&](int64_t steps) { return v_ahead(steps); };
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, Bf16>) {
+    if (pv_on_pairs(D)) {
+      LinesAhead ahead = v_rows_ahead(pv_pairs_steps(L.rows, nk, D));
+      pv_pairs(L.rows, R, nk, w.s_t.data(), vj, v_ld, D, w.p_pairs.data(), s.acc, ahead);
+      return;
+    }
+  }
+#endif
+  LinesAhead ahead = v_rows_ahead(pv_steps<V>(L.rows, nk, Dp));
+  if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, v_ld, s.acc, Dp, ahead);
+  else {
+    pack_rows<V>(vj, v_ld, nk, D, 1.0f, w.v_p.data(), Dp);
+    pv<V>(L.rows, nk, w.s_t.data(), R, w.v_p.data(), Dp, s.acc, Dp, ahead);
+  }
+}
+
+// acc, m and l of a head into its part; l as the per-lane partial sums of each row added up.
+template <class V>
+void finish_head(const DecodeLayout& L, const HeadState& s, float* part) {
+  const int64_t Dp = L.t.d_pad;
+  if (L.R < V::W)
+    V::store(s.l, fold_lanes<V>(V::load(s.l), L.R, [](auto a, auto b) { return V::add(a, b); }));
+  std::copy_n(s.acc, L.rows * Dp, part);
+  std::copy_n(s.m, L.rows, part + L.rows * Dp);
+  std::copy_n(s.l, L.rows, part + L.rows * Dp + L.rows);
+}
+
+// A split's share of the visible keys, [*first, *last): whole key tiles, dealt out in contiguous runs;
+// *end: the end of all visible keys.
+inline void split_keys(const DecodeLayout& L, int64_t split, int64_t* first, int64_t* last, int64_t* end) {
+  const FwdParams& p = *L.p;
+  int64_t kv_begin;
+  tile_key_range(p.mask, 0, p.seq_q, p.seq_k, &kv_begin, end);
+  const int64_t n_tiles = (*end - kv_begin + L.t.block_k - 1) / L.t.block_k;
   const int64_t per_split = (n_tiles + L.n_split - 1) / L.n_split;
-  const int64_t j_first = kv_begin + split * per_split * L.t.block_k;
-  const int64_t j_last = std::min(kv_end, j_first + per_split * L.t.block_k);
-  const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R);
+  *first = kv_begin + split * per_split * L.t.block_k;
+  *last = std::min(*end, *first + per_split * L.t.block_k);
+}
+
+// One (batch, KV head) over one split of its keys.
+template <class V, class T>
+void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t hk, int64_t split) {
+  const FwdParams& p = *L.p;
+  const int64_t D = p.head_dim, R = L.R;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  const HeadState s = w.head(0);
+  start_head<V, T>(L, s, b, hk);
+  int64_t j_first, j_last, kv_end;
+  split_keys(L, split, &j_first, &j_last, &kv_end);
   const int64_t elem = sizeof(T), k_bytes = p.k_stride.s * elem, v_bytes = p.v_stride.s * elem;
   // Where K and V are each one block of rows in task order ((b, h, s) contiguous), the rows past this
   // task's last key are the next task's first ones: they are requested ahead as well. With one query row
@@ -274,7 +298,7 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
     request_pages(v + j_first * p.v_stride.s, n_first * v_bytes);
   }
   for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
-    const int64_t nk = std::min(L.t.block_k, j_last - j0), nk_pad = round_up(nk, keys_per_vec);
+    const int64_t nk = std::min(L.t.block_k, j_last - j0);
     const T* kj = k + j0 * p.k_stride.s;
     const T* vj = v + j0 * p.v_stride.s;
     if (contiguous) {
@@ -282,97 +306,67 @@ void decode_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t 
       request_pages(kj + kPageAheadKeys * p.k_stride.s, n_pages * k_bytes);
       request_pages(vj + kPageAheadKeys * p.v_stride.s, n_pages * v_bytes);
     }
-    // Sᵀ = Kj · Qᵀ  (nk_pad x R, base-2 logits), kScoreKeys keys at a time. The stream from memory is
-    // the whole cost: the K rows kPrefetchKeys further on are requested at the pace of the products that
-    // read the current ones (the V rows ahead likewise in P · Vj below).
-    for (int64_t j = 0; j < nk; j += kScoreKeys) {
-      const int64_t n = std::min(kScoreKeys, nk - j);
-      const int64_t n_ahead = keys_ahead(j0 + j + kPrefetchKeys, n);
-      const T* k_ahead = kj + (j + kPrefetchKeys) * p.k_stride.s;
-      const auto k_rows_ahead = [&](int64_t steps) { return lines_ahead(k_ahead, n_ahead, k_bytes, D * elem, steps); };
-      const T* k_j = kj + j * p.k_stride.s;
-      float* s_j = w.s_t.data() + j * R;
-      if (L.dot_form && in_place) {
-#if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, Bf16>) {
-          if (pairs) {
-            LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, PairDot>(R, n, Dp));
-            scores_dot<V, PairDot>(R, k_j, p.k_stride.s, n, w.q_bits.data(), Dp, p.scale * kLog2e, s_j, ahead);
-            continue;
-          }
-        }
-#endif
-        using Dot = WidenedDot<V, T>;
-        LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
-        scores_dot<V, Dot>(R, k_j, p.k_stride.s, n, w.q.data(), Dp, 1.0f, s_j, ahead);
-      } else if (L.dot_form) {
-        using Dot = WidenedDot<V, float>;
-        LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
-        pack_rows<V>(k_j, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
-        scores_dot<V, Dot>(R, w.k_p.data(), Dp, n, w.q.data(), Dp, 1.0f, s_j, ahead);
-      } else {
-#if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, Bf16>) {
-          if (lane_pairs) {
-            LinesAhead ahead = k_rows_ahead(pair_scores_steps(n, D));
-            pair_scores(k_j, p.k_stride.s, n, w.q_bits.data(), D, p.scale * kLog2e, s_j, ahead);
-            continue;
-          }
-        }
-#endif
-        if constexpr (std::is_same_v<T, float> && V::W == 16) {
-          // One vector of rows (R = 16): the whole chunk of keys in one block of 16 accumulators, each Qᵀ
-          // vector loaded once for all of them (over the 8-key blocks of gemm: 1.02-1.08x in 14 of 15
-          // alternating runs, fp32 with K/V from memory, 8 and 16 rows).
-          if (R == V::W && n == kScoreKeys) {
-            LinesAhead ahead = k_rows_ahead(D);
-            gemm_block<V, kScoreKeys, 1>(D, k_j, p.k_stride.s, 1, w.q.data(), R, s_j, R, false, &ahead);
-            continue;
-          }
-        }
-        LinesAhead ahead = k_rows_ahead(gemm_steps<V>(n, R, D));
-        if constexpr (std::is_same_v<T, float>) {
-          gemm<V>(n, R, D, k_j, p.k_stride.s, 1, w.q.data(), R, s_j, R, false, &ahead);
-        } else {
-          pack_rows<V>(k_j, p.k_stride.s, n, D, 1.0f, w.k_p.data(), Dp);
-          gemm<V>(n, R, D, w.k_p.data(), Dp, 1, w.q.data(), R, s_j, R, false, &ahead);
-        }
-      }
-    }
-    std::fill(w.s_t.data() + nk * R, w.s_t.data() + nk_pad * R, kNegInf);
-    if (!tile_fully_visible(p.mask, 0, p.seq_q, j0, j0 + nk, p.seq_k)) mask_lanes(L, w.s_t.data(), j0, nk);
-
-    online_softmax<V>(w.s_t.data(), nk_pad * R / V::W, R, w.m.data(), w.l.data(), w.alpha.data());
-    for (int64_t r = 0; r < L.rows; ++r)
-      if (w.alpha[r] != 1.0f) scale_row<V>(w.acc.data() + r * Dp, Dp, w.alpha[r]);
-
-    // acc += P · Vj (bf16 with D a multiple of 64: on pairs of keys, with P rounded to bf16)
-    const int64_t n_ahead = keys_ahead(j0 + kPrefetchKeys, nk);
-    const auto v_rows_ahead = [&](int64_t steps) {
-      return lines_ahead(vj + kPrefetchKeys * p.v_stride.s, n_ahead, v_bytes, D * elem, steps);
+    const auto k_ahead = [&](int64_t j, int64_t n, int64_t steps) {
+      const int64_t from = j0 + j + kPrefetchKeys;
+      return lines_ahead(kj + (j + kPrefetchKeys) * p.k_stride.s, keys_ahead(from, n), k_bytes, D * elem, steps);
     };
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, Bf16>) {
-      if (pv_on_pairs(D)) {
-        LinesAhead ahead = v_rows_ahead(pv_pairs_steps(L.rows, nk, D));
-        pv_pairs(L.rows, R, nk, w.s_t.data(), vj, p.v_stride.s, D, w.p_pairs.data(), w.acc.data(), ahead);
-        continue;
+    const auto v_ahead = [&](int64_t steps) {
+      return lines_ahead(vj + kPrefetchKeys * p.v_stride.s, keys_ahead(j0 + kPrefetchKeys, nk), v_bytes, D * elem,
+                         steps);
+    };
+    attend_tile<V, T>(L, w, s, kj, p.k_stride.s, vj, p.v_stride.s, j0, nk, k_ahead, v_ahead);
+  }
+  finish_head<V>(L, s, L.part_of(b, hk, split));
+}
+
+// All KV heads of batch b over one split of the keys, for K/V laid out key-major: tile by tile, each
+// head in turn, so that a tile's rows of all heads (one span of memory) are read within one tile's time,
+// rather than one head's rows a whole row of heads apart over the task (a page apart at 8 fp32 heads of
+// D = 128: the hardware prefetchers stop at each, and each DRAM page gives a sliver). Tiles keep each
+// span near kSpanBytes; while a head computes on one tile it requests its share of the next tile's spans.
+template <class V, class T>
+void decode_heads_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, int64_t split) {
+  const FwdParams& p = *L.p;
+  const int64_t H = p.heads_kv, D = p.head_dim;
+  for (int64_t hk = 0; hk < H; ++hk) start_head<V, T>(L, w.head(hk), b, hk);
+  int64_t j_first, j_last, kv_end;
+  split_keys(L, split, &j_first, &j_last, &kv_end);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b;
+  const int64_t elem = sizeof(T), k_key = p.k_stride.s * elem, v_key = p.v_stride.s * elem;  // bytes per key
+  for (int64_t j0 = j_first; j0 < j_last; j0 += L.t.block_k) {
+    const int64_t nk = std::min(L.t.block_k, j_last - j0);
+    const int64_t n_next = std::clamp<int64_t>(kv_end - (j0 + nk), 0, L.t.block_k);
+    const char* k_next = reinterpret_cast<const char*>(k + (j0 + nk) * p.k_stride.s);
+    const char* v_next = reinterpret_cast<const char*>(v + (j0 + nk) * p.v_stride.s);
+    const int64_t k_share = round_up(n_next * k_key / H, 64), v_share = round_up(n_next * v_key / H, 64);
+    for (int64_t hk = 0; hk < H; ++hk) {
+      // Head hk requests share hk of the next tile's spans: its score chunk at key j the part j / nk of it.
+      const char* k_mine = k_next + hk * k_share;
+      const int64_t k_left = std::clamp<int64_t>(n_next * k_key - hk * k_share, 0, k_share);
+      const auto k_ahead = [&](int64_t j, int64_t n, int64_t steps) {
+        const int64_t from = k_left * j / nk, to = k_left * (j + n) / nk;
+        return lines_ahead(k_mine + from, to > from, to - from, to - from, steps);
+      };
+      const int64_t v_left = std::clamp<int64_t>(n_next * v_key - hk * v_share, 0, v_share);
+      const auto v_ahead = [&](int64_t steps) {
+        return lines_ahead(v_next + hk * v_share, v_left > 0, v_left, v_left, steps);
+      };
+      const T* kj = k + hk * p.k_stride.h + j0 * p.k_stride.s;
+      const T* vj = v + hk * p.v_stride.h + j0 * p.v_stride.s;
+      if (std::is_same_v<T, float> && !L.dot_form) {
+        // fp32 scores with the rows as lanes read 16 K rows at each step: rows a multiple of 4 KiB apart
+        // would all fall in one set of the L1. They are copied together first (V rows are read one at
+        // a time, and bf16 and fp16 read K 8 rows at a time or pack it).
+        T* k_rows = reinterpret_cast<T*>(w.k_rows.data());
+        for (int64_t j = 0; j < nk; ++j) std::memcpy(k_rows + j * D, kj + j * p.k_stride.s, D * elem);
+        attend_tile<V, T>(L, w, w.head(hk), k_rows, D, vj, p.v_stride.s, j0, nk, k_ahead, v_ahead);
+      } else {
+        attend_tile<V, T>(L, w, w.head(hk), kj, p.k_stride.s, vj, p.v_stride.s, j0, nk, k_ahead, v_ahead);
       }
-    }
-#endif
-    LinesAhead ahead = v_rows_ahead(pv_steps<V>(L.rows, nk, Dp));
-    if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, p.v_stride.s, w.acc.data(), Dp, ahead);
-    else {
-      pack_rows<V>(vj, p.v_stride.s, nk, D, 1.0f, w.v_p.data(), Dp);
-      pv<V>(L.rows, nk, w.s_t.data(), R, w.v_p.data(), Dp, w.acc.data(), Dp, ahead);
     }
   }
-  // l: the per-lane partial sums of each row added up.
-  if (R < V::W)
-    V::store(w.l.data(), fold_lanes<V>(V::load(w.l.data()), R, [](auto a, auto b) { return V::add(a, b); }));
-  std::copy_n(w.acc.data(), L.rows * Dp, part);
-  std::copy_n(w.m.data(), L.rows, part + L.rows * Dp);
-  std::copy_n(w.l.data(), L.rows, part + L.rows * Dp + L.rows);
+  for (int64_t hk = 0; hk < H; ++hk) finish_head<V>(L, w.head(hk), L.part_of(b, hk, split));
 }
 
 // Merge the splits of one (batch, KV head): m = max_s m_s, l = Σ_s l_s·2^(m_s - m),
@@ -405,20 +399,27 @@ void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<floa
 
 template <class V, class T>
 void decode_typed(const FwdParams& p) {
-  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim), 0, 0, false, 0, nullptr};
+  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim), 0, 0, false, false, 0, nullptr};
   L.rows = p.seq_q * (p.heads_q / p.heads_kv);
   // With at most W/4 rows most lanes of a row-per-lane Sᵀ would be padding: take dot products instead.
   L.dot_form = 4 * L.rows <= V::W;
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
-  L.n_split = decode_splits(p, L.t.block_k);
+  // Key-major K/V: all heads of a key lie closer together than one head's consecutive keys.
+  L.heads_together = p.heads_kv > 1 && p.k_stride.h < p.k_stride.s && p.v_stride.h < p.v_stride.s;
+  const int64_t units = p.batch * (L.heads_together ? 1 : p.heads_kv);
+  if (L.heads_together) {
+    const int64_t span = p.heads_kv * std::max(p.k_stride.s, p.v_stride.s) * int64_t{sizeof(T)};
+    L.t.block_k = std::clamp<int64_t>(kSpanBytes / span / kScoreKeys * kScoreKeys, kScoreKeys, L.t.block_k);
+  }
+  L.n_split = decode_splits(p, L.t.block_k, units);
   std::vector<float> part(p.batch * p.heads_kv * L.n_split * L.part_floats());
   L.part = part.data();
-  run_tasks<const DecodeLayout>(p, p.batch * p.heads_kv * L.n_split, &L, [](const DecodeLayout& L, TaskQueue& queue) {
-    DecodeScratch<V> w(L);
+  run_tasks<const DecodeLayout>(p, units * L.n_split, &L, [](const DecodeLayout& L, TaskQueue& queue) {
+    DecodeScratch<V> w(L, L.heads_together ? L.p->heads_kv : 1);
     for (int64_t task; queue.next(&task);) {
-      const int64_t bh = task / L.n_split;
-      float* part = L.part + task * L.part_floats();
-      decode_task<V, T>(L, w, bh / L.p->heads_kv, bh % L.p->heads_kv, task % L.n_split, part);
+      const int64_t unit = task / L.n_split, split = task % L.n_split;
+      if (L.heads_together) decode_heads_task<V, T>(L, w, unit, split);
+      else decode_task<V, T>(L, w, unit / L.p->heads_kv, unit % L.p->heads_kv, split);
     }
   });
   p.parallel_for(p.batch * p.heads_kv, &L, [](void* c, int64_t begin, int64_t end) {

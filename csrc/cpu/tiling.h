@@ -97,10 +97,10 @@ inline bool use_decode(const FwdParams& p) {
   return p.heads_kv > 0 && p.seq_q * (p.heads_q / p.heads_kv) <= kDecodeMaxRows;
 }
 
-// Tasks per (batch, KV head) of the decode forward: the key range is split when the heads alone
-// cannot give every thread two tasks.
-inline int64_t decode_splits(const FwdParams& p, int64_t block_k) {
-  const int64_t units = p.batch * p.heads_kv, n_tiles = (p.seq_k + block_k - 1) / block_k;
+// Tasks per unit of the decode forward (a (batch, KV head), or a batch whose KV heads go together): the
+// key range is split when the units alone cannot give every thread two tasks.
+inline int64_t decode_splits(const FwdParams& p, int64_t block_k, int64_t units) {
+  const int64_t n_tiles = (p.seq_k + block_k - 1) / block_k;
   if (units == 0 || units >= 2 * p.num_threads || n_tiles <= 1) return 1;
   return std::min<int64_t>(n_tiles, (2 * p.num_threads + units - 1) / units);
 }

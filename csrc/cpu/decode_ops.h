@@ -1,0 +1,162 @@
+// The products and the online softmax of the decode-shaped forward (decode_impl.h): the scores in dot
+// form (few rows: dot products along the head dim), P · Vj with Vj rows read in order, and the per-lane
+// online softmax over Sᵀ, stored key-major with R lanes per key.
+#pragma once
+
+#include "cpu/tile_ops.h"
+
+namespace attnext::cpu {
+namespace {
+
+constexpr float kLowest = std::numeric_limits<float>::lowest();
+
+// The products of the dot form: K chunks widened to fp32 and FMA'd with the fp32 query rows (which carry
+// scale · log2 e), kCols columns per step.
+template <class V, class TK>
+struct WidenedDot {
+  using Q = float;
+  using Chunk = typename V::T;
+  static constexpr int kCols = V::W;
+  static Chunk load_q(const Q* q) { return V::load(q); }
+  static Chunk load_k(const TK* k) { return load_float<V>(k); }
+  static typename V::T add_product(typename V::T acc, Chunk k, Chunk q) { return V::fma(k, q, acc); }
+};
+
+// Sᵀ = Kj · Qᵀ · mul for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
+// Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
+// accumulators take R·(W/R) products with no chain between them, and the W lane sums of the vector come
+// out of one transpose_sum. Keys past nk (the last vector's padding) repeat key nk - 1 and are masked
+// later. With one row (R = 1) the W keys of a vector are W rows of K: taken column by column they would
+// be read W rows at a time, out of address order, which the hardware prefetchers do not follow; there each
+// K row is read whole, in order, with the query chunks reloaded from L1. ahead.next() is called once per
+// key chunk read (scores_dot_steps times).
+template <class V, class Dot, int R, class TK>
+void scores_dot(const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp, float mul,
+                float* s_t, LinesAhead& ahead) {
+  constexpr int kKeys = V::W / R;
+  int64_t step = 0;
+  for (int64_t j = 0; j < nk; j += kKeys) {
+    const TK* kj[kKeys];
+#pragma GCC unroll 16
+    for (int kk = 0; kk < kKeys; ++kk) kj[kk] = k + std::min(j + kk, nk - 1) * k_stride;
+    typename V::T acc[V::W];
+#pragma GCC unroll 16
+    for (auto& a : acc) a = V::zero();
+    if constexpr (R == 1) {
+#pragma GCC unroll 16
+      for (int kk = 0; kk < kKeys; ++kk)
+        for (int64_t c = 0; c < Dp; c += Dot::kCols) {
+          ahead.next(step++);
+          acc[kk] = Dot::add_product(acc[kk], Dot::load_k(kj[kk] + c), Dot::load_q(q + c));
+        }
+    } else {
+      for (int64_t c = 0; c < Dp; c += Dot::kCols) {
+        typename Dot::Chunk q_c[R];
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) q_c[r] = Dot::load_q(q + r * Dp + c);
+#pragma GCC unroll 16
+        for (int kk = 0; kk < kKeys; ++kk) {
+          ahead.next(step++);
+          const typename Dot::Chunk k_c = Dot::load_k(kj[kk] + c);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) acc[kk * R + r] = Dot::add_product(acc[kk * R + r], k_c, q_c[r]);
+        }
+      }
+    }
+    const typename V::T sums = transpose_sum<V>(acc);
+    V::store(s_t + j * R, mul == 1.0f ? sums : V::mul(sums, V::set1(mul)));
+  }
+}
+
+template <class V, class Dot>
+constexpr int64_t scores_dot_steps(int64_t R, int64_t nk, int64_t Dp) {
+  const int64_t keys = V::W / R;
+  return (nk + keys - 1) / keys * keys * (Dp / Dot::kCols);
+}
+
+template <class V, class Dot, class TK>
+void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const typename Dot::Q* q, int64_t Dp,
+                float mul, float* s_t, LinesAhead& ahead) {
+  if (R == 1) return scores_dot<V, Dot, 1>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
+  if (R == 2) return scores_dot<V, Dot, 2>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
+  if constexpr (V::W >= 16) return scores_dot<V, Dot, 4>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
+}
+
+// acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
+// vectors of acc stay in registers over the whole key tile, and the Vj rows are read in order (whole rows
+// up to 8 vectors), which keeps the hardware prefetchers on the stream. ahead.next() runs pv_steps times.
+template <class V, int Rows, class TV>
+void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp,
+             LinesAhead& ahead) {
+  int64_t n = 0;
+  for (; n + 8 * V::W <= Dp; n += 8 * V::W)
+    gemm_block<V, Rows, 8>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
+  if (n + 4 * V::W <= Dp) {
+    gemm_block<V, Rows, 4>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
+    n += 4 * V::W;
+  }
+  for (; n < Dp; n += V::W) gemm_block<V, Rows, 1>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
+}
+
+template <class V>
+constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on AVX-512
+
+// With the rows as lanes (more than 4 rows on AVX-512) P · Vj runs in blocks of 4 rows x 4 vectors, so
+// each Vj element is loaded (and widened) once per 4 rows instead of per 2: +9-19% with 16 rows on a Zen 4
+// core. With 4 rows (the dot form) fp32 lost 2-10% that way: it keeps the 2 x 8 blocks. (bf16 with D a
+// multiple of 64 takes pv_pairs instead, decode_bf16_pairs.h.)
+template <class V>
+constexpr bool pv_quads(int64_t rows, int64_t Dp) {
+  return V::W == 16 && rows > 4 && Dp % (4 * V::W) == 0;
+}
+
+template <class V>
+constexpr int64_t pv_steps(int64_t rows, int64_t nk, int64_t Dp) {
+  const int64_t blocks = Dp / (8 * V::W) + (Dp % (8 * V::W) >= 4 * V::W) + Dp % (4 * V::W) / V::W;
+  const int64_t quads = pv_quads<V>(rows, Dp) ? rows / 4 : 0, rest = rows - 4 * quads;
+  return (quads * (Dp / (4 * V::W)) + (rest + kPassRows<V> - 1) / kPassRows<V> * blocks) * nk;
+}
+
+template <class V, class TV>
+void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_stride, float* acc, int64_t Dp,
+        LinesAhead& ahead) {
+  constexpr int kRows = kPassRows<V>;
+  int64_t r = 0;
+  if (pv_quads<V>(rows, Dp)) {
+    for (; r + 4 <= rows; r += 4)
+      for (int64_t n = 0; n < Dp; n += 4 * V::W)
+        gemm_block<V, 4, 4>(nk, p_t + r, 1, R, v + n, v_stride, acc + r * Dp + n, Dp, true, &ahead);
+  }
+  for (; r < rows; r += kRows) {
+    if (r + kRows <= rows) pv_pass<V, kRows>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
+    else pv_pass<V, 1>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);
+  }
+}
+
+// Online softmax over one key tile, per lane: m_new = max(m, max_j Sᵀ_j), Pᵀ = 2^(Sᵀ - m_new) in place,
+// alpha = 2^(m - m_new), l ← l·alpha + Σ_j Pᵀ_j. The lane pattern repeats every max(R, W) floats; m and
+// alpha hold the same value in every lane of a row, l its per-lane partial sums (folded at the end).
+template <class V>
+void online_softmax(float* s_t, int64_t n_vec, int64_t R, float* m, float* l, float* alpha) {
+  using VT = typename V::T;
+  const int64_t period = std::max<int64_t>(1, R / V::W);  // vectors per period of the pattern
+  for (int64_t c = 0; c < period; ++c) {
+    VT mx = V::set1(kNegInf), sum = V::zero();
+    for (int64_t v = c; v < n_vec; v += period) mx = V::max(mx, V::load(s_t + v * V::W));
+    mx = fold_lanes<V>(mx, R, [](VT a, VT b) { return V::max(a, b); });
+    const VT m_old = V::load(m + c * V::W), m_new = V::max(m_old, mx);
+    const VT shift = V::max(m_new, V::set1(kLowest));  // a row with nothing visible yet keeps P = 0
+    const VT a = V::exp2(V::sub(m_old, shift));
+    for (int64_t v = c; v < n_vec; v += period) {
+      const VT p = V::exp2(V::sub(V::load(s_t + v * V::W), shift));
+      V::store(s_t + v * V::W, p);
+      sum = V::add(sum, p);
+    }
+    V::store(m + c * V::W, m_new);
+    V::store(alpha + c * V::W, a);
+    V::store(l + c * V::W, V::fma(V::load(l + c * V::W), a, sum));
+  }
+}
+
+}  // namespace
+}  // namespace attnext::cpu
