@@ -52,6 +52,29 @@ def test_cpu_suite_judges_decode_rows_against_probes_beside_them(tmp_path):
     assert "bandwidth GB/s before / after" in out.read_text()
 
 
+def test_cpu_suite_times_decode_on_key_major_kv(tmp_path):
+    out = tmp_path / "decode.json"
+    proc = run("attnext.bench", "--suite", "cpu", "--targets", "decode", "--decode-shapes", "1,4,2,1,64,16",
+               "--decode-layout", "bshd", "--dtypes", "fp32", "--threads", "1", "--reps", "1", "--warmup", "0",
+               "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    assert record["decode_layout"] == "bshd" and [r["kv_layout"] for r in record["rows"]] == ["bshd"]
+    assert "| bshd " in proc.stdout  # the K/V column of the decode table
+    proc = run("attnext.bench", "--decode-layout", "bshd")
+    assert proc.returncode != 0 and "--decode-layout belong to --suite cpu" in proc.stderr
+
+
+def test_key_major_decode_case_is_a_view_of_key_major_memory():
+    import torch
+
+    from attnext.bench import configs, timing
+
+    case = timing.Case(configs.DecodeConfig(torch.float32, 1, 4, 2, 1, 64, 16, kv_layout="bshd"), torch.device("cpu"))
+    k, v = case.kvs[0]
+    assert k.shape == (1, 2, 64, 16) and k.stride() == (64 * 2 * 16, 16, 2 * 16, 1) and v.stride() == k.stride()
+
+
 def test_decode_fraction_uses_the_mean_of_the_probes_beside_the_row():
     import torch
 

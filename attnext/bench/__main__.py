@@ -87,6 +87,9 @@ def parse_args(argv):
                    "seconds from the start; the configs left are listed as skipped (default: none)")
     p.add_argument("--targets", help="the cpu suite: comma-separated target names (default: all; see below)")
     p.add_argument("--decode-shapes", help='the cpu suite: "B,Hq,Hkv,Sq,Sk,D;..." for decode, as --shapes')
+    p.add_argument("--decode-layout", choices=("bhsd", "bshd"), default="bhsd",
+                   help="the cpu suite: how the decode's K/V lie in memory; bshd = (batch, key, head, dim), "
+                   "FlashAttention's KV cache, passed as BHSD views (default: bhsd)")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     p.add_argument("--memory", action="store_true",
                    help="measure extra peak memory of attnext and SDPA instead of timing")
@@ -112,8 +115,8 @@ def parse_args(argv):
         configs.parse_list(args.memory_dtype, list(configs.DTYPES), "dtype")
         if args.suite == "cpu":
             cpu_suite.validate(args)
-        elif args.targets or args.decode_shapes:
-            raise ValueError("attnext.bench: --targets and --decode-shapes belong to --suite cpu")
+        elif args.targets or args.decode_shapes or args.decode_layout != "bhsd":
+            raise ValueError("attnext.bench: --targets, --decode-shapes and --decode-layout belong to --suite cpu")
     except ValueError as exc:
         p.error(str(exc).removeprefix("attnext.bench: "))
     if args.reps < 1 or args.warmup < 0 or args.slow_reps < 1:
@@ -252,8 +255,8 @@ def main(argv=None):
         body = calls.calls_mode(args, device, record, log)
     elif cpu_targets:
         plan = cpu_suite.plan(args)
-        record.update(shapes=args.shape_list, decode_shapes=args.decode_shape_list, dtypes=args.dtypes,
-                      modes=args.modes)
+        record.update(shapes=args.shape_list, decode_shapes=args.decode_shape_list,
+                      decode_layout=args.decode_layout, dtypes=args.dtypes, modes=args.modes)
         if not args.skip_check and not check_mode(cpu_suite.all_configs(plan), args, device, record):
             if args.json:
                 report.write_json(args.json, record)

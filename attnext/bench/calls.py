@@ -58,7 +58,8 @@ def measure(cfg, evict):
         cold = _time_calls(calls, COLD_ROUNDS, 1, evict.sum)
     return [dict(dtype=cfg.dtype_name, batch=cfg.batch, heads=cfg.heads, heads_kv=cfg.heads_kv, seq_q=cfg.seq_q,
                  seq_k=cfg.seq_k, head_dim=cfg.head_dim, entry=name, threads=torch.get_num_threads(),
-                 warm_us=warm[name], cold_us=cold[name], warm_ratio=warm[PEER] / warm[name], cold_ratio=cold[PEER] / cold[name]) for name in calls]
+                 warm_us=warm[name], cold_us=cold[name], warm_ratio=warm[PEER] / warm[name],
+                 cold_ratio=cold[PEER] / cold[name]) for name in calls]
 
 
 def calls_mode(args, device, record, log):

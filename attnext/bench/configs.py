@@ -74,7 +74,9 @@ class Config:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """A decode step: a few query tokens against a long K/V cache, Hq query heads on Hkv K/V heads, no mask."""
+    """A decode step: a few query tokens against a long K/V cache, Hq query heads on Hkv K/V heads, no mask.
+    `kv_layout` "bshd": the cache lies (batch, key, head, dim) in memory, as FlashAttention's, and both
+    libraries get (batch, head, key, dim) views of it."""
 
     dtype: torch.dtype
     batch: int
@@ -83,6 +85,7 @@ class DecodeConfig:
     seq_q: int
     seq_k: int
     head_dim: int
+    kv_layout: str = "bhsd"
     causal = False
     mode = "fwd"
 
@@ -104,7 +107,7 @@ class DecodeConfig:
 
     def label(self):
         return (f"{self.dtype_name} decode {self.batch}x{self.heads}/{self.heads_kv}x{self.seq_q}/{self.seq_k}"
-                f"x{self.head_dim}")
+                f"x{self.head_dim}" + (" bshd K/V" if self.kv_layout == "bshd" else ""))
 
     def flops(self):
         return attention_flops(self.batch, self.heads, self.seq_q, self.seq_k, self.head_dim, False, "fwd")

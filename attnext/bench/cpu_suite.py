@@ -23,7 +23,8 @@ BESIDE_RUNS = 5  # x.sum() passes of the bandwidth probe before and after each d
 def plan(args):
     """[(target, configs)] for the targets and filters of `args`."""
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    return [(t, targets.build(t, args.shape_list, args.decode_shape_list, args.dtypes, args.modes, causals))
+    return [(t, targets.build(t, args.shape_list, args.decode_shape_list, args.dtypes, args.modes, causals,
+                              args.decode_layout))
             for t in targets.select(args.targets)]
 
 

@@ -49,13 +49,14 @@ def _cap(row):
 
 
 def _decode_table(rows):
-    columns = ["dtype", "B", "Hq", "Hkv", "Sq", "Sk", "D", "KV MiB", "threads", "reps", "attnext ms", "torch ms",
+    columns = ["dtype", "B", "Hq", "Hkv", "Sq", "Sk", "D", "K/V", "KV MiB", "threads", "reps", "attnext ms", "torch ms",
                "attnext KV GB/s", "torch KV GB/s", "bandwidth GB/s before / after", "% bandwidth",
                "% bandwidth at FMA peak", "ratio", "others", "result"]
     body = [[r["dtype"], r["batch"], r["heads"], r["heads_kv"], r["seq_q"], r["seq_k"], r["head_dim"],
-             f"{r['kv_bytes'] / MIB:.0f}", r["threads"], r["reps"], f"{r['attnext_ms']:.3f}", f"{r['peer_ms']:.3f}",
-             f"{r['attnext_kv_gbs']:.1f}", f"{r['peer_kv_gbs']:.1f}", _beside(r), f"{100 * r['bandwidth_fraction']:.1f}",
-             _cap(r), f"{r['ratio']:.2f}", _others(r), _result(r)] for r in rows]
+             r.get("kv_layout", "bhsd"), f"{r['kv_bytes'] / MIB:.0f}", r["threads"], r["reps"],
+             f"{r['attnext_ms']:.3f}", f"{r['peer_ms']:.3f}", f"{r['attnext_kv_gbs']:.1f}", f"{r['peer_kv_gbs']:.1f}",
+             _beside(r), f"{100 * r['bandwidth_fraction']:.1f}", _cap(r), f"{r['ratio']:.2f}", _others(r),
+             _result(r)] for r in rows]
     return report.table(columns, body)
 
 

@@ -56,15 +56,16 @@ def select(spec):
     return [t for t in TARGETS.values() if t.name in names]
 
 
-def build(target, shapes, decode_shapes, dtypes, modes, causals):
-    """The configs of `target` within the run's filters (dtypes as short names: fp32, bf16, fp16)."""
+def build(target, shapes, decode_shapes, dtypes, modes, causals, decode_layout="bhsd"):
+    """The configs of `target` within the run's filters (dtypes as short names: fp32, bf16, fp16); decode
+    configs with their K/V laid out as `decode_layout`."""
     kept_dtypes = [d for d in target.dtypes if d in dtypes]
     kept_modes = [m for m in target.modes if m in modes]
     if target.causal not in causals:
         return []
     if target.name == "decode":
-        return [configs.DecodeConfig(configs.DTYPES[d], *shape) for d in kept_dtypes for shape in decode_shapes
-                if "fwd" in kept_modes]
+        return [configs.DecodeConfig(configs.DTYPES[d], *shape, kv_layout=decode_layout) for d in kept_dtypes
+                for shape in decode_shapes if "fwd" in kept_modes]
     if target.name == "threads":
         shapes = [s for s in shapes if s[2] == THREADS_SEQLEN]
     if target.max_seqlen is not None:
@@ -122,7 +123,7 @@ def add_ceiling_fields(row, cfg, ceil):
         else:
             bandwidth = sum(beside) / 2
         row["bandwidth_gbs"] = bandwidth
-        row.update(heads_kv=cfg.heads_kv, seq_q=cfg.seq_q, seq_k=cfg.seq_k, kv_bytes=kv,
+        row.update(heads_kv=cfg.heads_kv, seq_q=cfg.seq_q, seq_k=cfg.seq_k, kv_layout=cfg.kv_layout, kv_bytes=kv,
                    attnext_kv_gbs=kv / (row["attnext_ms"] * 1e-3) / 1e9,
                    peer_kv_gbs=kv / (row["peer_ms"] * 1e-3) / 1e9)
         row["bandwidth_fraction"] = row["attnext_kv_gbs"] / bandwidth if bandwidth else float("nan")

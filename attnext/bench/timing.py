@@ -71,10 +71,17 @@ class Case:
         self.q = torch.randn(config.q_shape, **make).requires_grad_(self.grad)
         kv_bytes = 2 * math.prod(config.kv_shape) * config.dtype.itemsize
         copies = max(1, -(-cold_kv_bytes // kv_bytes))
-        self.kvs = [tuple(torch.randn(config.kv_shape, **make).requires_grad_(self.grad) for _ in range(2))
-                    for _ in range(copies)]
+        self.kvs = [tuple(self._kv(config, make) for _ in range(2)) for _ in range(copies)]
         self.turn = 0
         self.dout = torch.randn(config.q_shape, **make) if self.grad else None
+
+    def _kv(self, config, make):
+        """One K or V tensor; a (batch, head, key, dim) view of (batch, key, head, dim) memory for a decode
+        config whose kv_layout is "bshd"."""
+        if getattr(config, "kv_layout", "bhsd") == "bshd":
+            b, h, s, d = config.kv_shape
+            return torch.randn(b, s, h, d, **make).transpose(1, 2)
+        return torch.randn(config.kv_shape, **make).requires_grad_(self.grad)
 
     def _step(self, call, k, v):
         if self.grad:
