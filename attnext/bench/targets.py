@@ -105,10 +105,9 @@ def arithmetic_cap(cfg, threads, bandwidth, ceil):
     `threads` cores: 2 products of 2 flops per query row, key and column, on bf16 at
     ceil["bf16_products_per_lane"] products per lane. Below 1 the row is bound by the arithmetic, not the
     memory (16 query rows per K/V row: 8 flops per fp32 byte)."""
-    flops = 4 * cfg.batch * cfg.heads * cfg.seq_q * cfg.seq_k * cfg.head_dim
     per_lane = ceil.get("bf16_products_per_lane", 1) if cfg.dtype == torch.bfloat16 else 1
     peak_gflops = threads * ceil["fma_peak_gflops"] * per_lane
-    return min(1.0, cfg.kv_bytes() / flops * peak_gflops / bandwidth)
+    return min(1.0, cfg.kv_bytes() / cfg.flops() * peak_gflops / bandwidth)
 
 
 def add_ceiling_fields(row, cfg, ceil):

@@ -156,32 +156,31 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
   // ones (k_ahead; v_ahead likewise in P · Vj below).
   for (int64_t j = 0; j < nk; j += kScoreKeys) {
     const int64_t n = std::min(kScoreKeys, nk - j);
-    const auto k_rows_ahead = [&](int64_t steps) { return k_ahead(j, n, steps); };
     const T* k_j = kj + j * k_ld;
     float* s_j = w.s_t.data() + j * R;
     if (L.dot_form && in_place) {
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, Bf16>) {
         if (pairs) {
-          LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, PairDot>(R, n, Dp));
+          LinesAhead ahead = k_ahead(j, n, scores_dot_steps<V, PairDot>(R, n, Dp));
           scores_dot<V, PairDot>(R, k_j, k_ld, n, s.q_bits, Dp, p.scale * kLog2e, s_j, ahead);
           continue;
         }
       }
 #endif
       using Dot = WidenedDot<V, T>;
-      LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
+      LinesAhead ahead = k_ahead(j, n, scores_dot_steps<V, Dot>(R, n, Dp));
       scores_dot<V, Dot>(R, k_j, k_ld, n, s.q, Dp, 1.0f, s_j, ahead);
     } else if (L.dot_form) {
       using Dot = WidenedDot<V, float>;
-      LinesAhead ahead = k_rows_ahead(scores_dot_steps<V, Dot>(R, n, Dp));
+      LinesAhead ahead = k_ahead(j, n, scores_dot_steps<V, Dot>(R, n, Dp));
       pack_rows<V>(k_j, k_ld, n, D, 1.0f, w.k_p.data(), Dp);
       scores_dot<V, Dot>(R, w.k_p.data(), Dp, n, s.q, Dp, 1.0f, s_j, ahead);
     } else {
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, Bf16>) {
         if (lane_pairs) {
-          LinesAhead ahead = k_rows_ahead(pair_scores_steps(n, D));
+          LinesAhead ahead = k_ahead(j, n, pair_scores_steps(n, D));
           pair_scores(k_j, k_ld, n, s.q_bits, D, p.scale * kLog2e, s_j, ahead);
           continue;
         }
@@ -192,12 +191,12 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
         // vector loaded once for all of them (over the 8-key blocks of gemm: 1.02-1.08x in 14 of 15
         // alternating runs, fp32 with K/V from memory, 8 and 16 rows).
         if (R == V::W && n == kScoreKeys) {
-          LinesAhead ahead = k_rows_ahead(D);
+          LinesAhead ahead = k_ahead(j, n, D);
           scores_rows16<V>(D, k_j, k_ld, s.q, s_j, ahead);
           continue;
         }
       }
-      LinesAhead ahead = k_rows_ahead(gemm_steps<V>(n, R, D));
+      LinesAhead ahead = k_ahead(j, n, gemm_steps<V>(n, R, D));
       if constexpr (std::is_same_v<T, float>) {
         gemm<V>(n, R, D, k_j, k_ld, 1, s.q, R, s_j, R, false, &ahead);
       } else {
@@ -214,17 +213,16 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
     if (s.alpha[r] != 1.0f) scale_row<V>(s.acc + r * Dp, Dp, s.alpha[r]);
 
   // acc += P · Vj (bf16 with D a multiple of 64: on pairs of keys, with P rounded to bf16)
-  const auto v_rows_ahead = [&](int64_t steps) { return v_ahead(steps); };
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, Bf16>) {
     if (pv_on_pairs(D)) {
-      LinesAhead ahead = v_rows_ahead(pv_pairs_steps(L.rows, nk, D));
+      LinesAhead ahead = v_ahead(pv_pairs_steps(L.rows, nk, D));
       pv_pairs(L.rows, R, nk, w.s_t.data(), vj, v_ld, D, w.p_pairs.data(), s.acc, ahead);
       return;
     }
   }
 #endif
-  LinesAhead ahead = v_rows_ahead(pv_steps<V>(L.rows, nk, Dp));
+  LinesAhead ahead = v_ahead(pv_steps<V>(L.rows, nk, Dp));
   if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, v_ld, s.acc, Dp, ahead);
   else {
     pack_rows<V>(vj, v_ld, nk, D, 1.0f, w.v_p.data(), Dp);
