@@ -170,6 +170,21 @@ def test_large_scores_are_stable(cpu_unit):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_largest_score_sets_the_maximum_wherever_it_lies(cpu_unit, dtype):
+    """One key scores ~290 (base 2) above all others, at every position of a key tile's micro-kernel rows
+    and of a partial last tile: if the running maximum missed it, 2^(s - m) would overflow to inf."""
+    sq, sk, d = 37, 2 * 256 + 13, 32
+    q = torch.ones(1, 1, sq, d).to(dtype)
+    for j in list(range(0, 17)) + [255, 256, 263, 264, 511, 512, 519] + list(range(sk - 6, sk)):
+        k = (0.1 * torch.randn(1, 1, sk, d)).to(dtype)
+        k[:, :, j] = 200 / math.sqrt(d)
+        v = torch.randn(1, 1, sk, d).to(dtype)
+        out, lse = attnext.attention(q, k, v, return_lse=True)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"key {j}"
+        torch.testing.assert_close(out, v[:, :, j:j + 1].expand_as(out), rtol=0, atol=0, msg=f"key {j}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sq,hq,hkv", [(1, 1, 1), (4, 16, 4), (300, 2, 2)], ids=["decode", "decode16", "prefill"])
 def test_equal_scores_give_the_exact_mean(cpu_unit, dtype, sq, hq, hkv):
     """Equal scores over 4096 keys, V = +1 on the first half and -1 on the second: every P is 2^0 = 1 and

@@ -136,13 +136,16 @@ void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int6
 // Online softmax over one key tile, per lane: m_new = max(m, max_j Sᵀ_j), Pᵀ = 2^(Sᵀ - m_new) in place,
 // alpha = 2^(m - m_new), l ← l·alpha + Σ_j Pᵀ_j. The lane pattern repeats every max(R, W) floats; m and
 // alpha hold the same value in every lane of a row, l its per-lane partial sums (folded at the end).
+// lane_max (max(R, W) floats), when given: max_j Sᵀ_j per lane, taken as the scores were stored.
 template <class V>
-void online_softmax(float* s_t, int64_t n_vec, int64_t R, float* m, float* l, float* alpha) {
+void online_softmax(float* s_t, int64_t n_vec, int64_t R, float* m, float* l, float* alpha,
+                    const float* lane_max = nullptr) {
   using VT = typename V::T;
   const int64_t period = std::max<int64_t>(1, R / V::W);  // vectors per period of the pattern
   for (int64_t c = 0; c < period; ++c) {
     VT mx = V::set1(kNegInf), sum = V::zero();
-    for (int64_t v = c; v < n_vec; v += period) mx = V::max(mx, V::load(s_t + v * V::W));
+    if (lane_max) mx = V::load(lane_max + c * V::W);
+    else for (int64_t v = c; v < n_vec; v += period) mx = V::max(mx, V::load(s_t + v * V::W));
     mx = fold_lanes<V>(mx, R, [](VT a, VT b) { return V::max(a, b); });
     const VT m_old = V::load(m + c * V::W), m_new = V::max(m_old, mx);
     const VT shift = V::max(m_new, V::set1(kLowest));  // a row with nothing visible yet keeps P = 0

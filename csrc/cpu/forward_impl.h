@@ -17,9 +17,9 @@ namespace {
 template <class V>
 struct FwdScratch {
   int64_t rows_pad;
-  std::vector<float> q_t, s_t, k_p, v_p, acc, m, l, alpha;
+  std::vector<float> q_t, s_t, s_max, k_p, v_p, acc, m, l, alpha;  // s_max: the lane maxima of Sᵀ
   FwdScratch(const Tiling& t, int64_t d)
-      : rows_pad(round_up(t.block_q, V::W)), q_t(t.group * d * rows_pad), s_t(t.block_k * rows_pad),
+      : rows_pad(round_up(t.block_q, V::W)), q_t(t.group * d * rows_pad), s_t(t.block_k * rows_pad), s_max(rows_pad),
         k_p(t.block_k * t.d_pad), v_p(t.block_k * t.d_pad), acc(t.group * t.block_q * t.d_pad),
         m(t.group * rows_pad), l(t.group * rows_pad), alpha(t.group * rows_pad) {}
 };
@@ -108,12 +108,15 @@ void attend_keys(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, const Qu
   if (r1 <= r0) return;
   const int64_t c0 = r0 / V::W * V::W, c1 = round_up(r1, V::W), n_lanes = c1 - c0;
 
-  // Sᵀ = Kj · Qiᵀ  (nk x n_lanes, base-2 logits)
+  // Sᵀ = Kj · Qiᵀ  (nk x n_lanes, base-2 logits), and the maximum of each lane (row) over the tile's keys
   float* s_t = w.s_t.data();
-  gemm<V>(nk, n_lanes, D, kb, k_ld, 1, qt.q_t + c0, ld_q, s_t, n_lanes, false, k_ahead);
+  const bool visible = tile_fully_visible(p.mask, i0 + c0, i0 + std::min(c1, rows), j0, j0 + nk, p.seq_k);
+  float* s_max = visible ? w.s_max.data() : nullptr;
+  if (visible) std::fill(s_max, s_max + n_lanes, kNegInf);
+  gemm<V>(nk, n_lanes, D, kb, k_ld, 1, qt.q_t + c0, ld_q, s_t, n_lanes, false, k_ahead, s_max);
 
-  // Keys a lane may not see get -inf (only tiles on a mask boundary).
-  if (!tile_fully_visible(p.mask, i0 + c0, i0 + std::min(c1, rows), j0, j0 + nk, p.seq_k)) {
+  // Keys a lane may not see get -inf (only tiles on a mask boundary; their maxima come after).
+  if (!visible) {
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t lo = std::clamp<int64_t>(row_begin(p.mask, j0 + j, p.seq_q) - i0, c0, c1);
       const int64_t hi = std::clamp<int64_t>(row_end(p.mask, j0 + j, p.seq_q) - i0, lo, c1);
@@ -123,7 +126,7 @@ void attend_keys(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, const Qu
   }
 
   // Online softmax down each lane: m, l, alpha per row; Pᵀ = 2^(Sᵀ - m_new) in place.
-  online_softmax<V>(s_t, nk * n_lanes / V::W, n_lanes, qt.m + c0, qt.l + c0, qt.alpha + c0);
+  online_softmax<V>(s_t, nk * n_lanes / V::W, n_lanes, qt.m + c0, qt.l + c0, qt.alpha + c0, s_max);
   for (int64_t r = r0; r < r1; ++r)
     if (qt.alpha[r] != 1.0f) scale_row<V>(qt.acc + r * Dp, Dp, qt.alpha[r]);
 

@@ -170,14 +170,16 @@ inline void request_pages(const void* first, int64_t bytes) {
 // broadcast from memory and B rows loaded as vectors (16-bit B widened in registers). The accumulators
 // stay in registers for all K; every loop over R or NV is unrolled so that the compiler keeps acc in
 // registers from the first load to the last store (a rolled loop sends it through the stack).
-// ahead->next(k) runs at each step k (a caller's paced prefetch); NoAhead compiles to nothing.
+// ahead->next(k) runs at each step k (a caller's paced prefetch); NoAhead compiles to nothing. With col_max,
+// col_max[0, NV·W) ← max(col_max, the block's rows of C) as C is stored: the column maxima that the
+// online softmax of Sᵀ needs, taken while the scores are still in registers.
 struct NoAhead {
   void next(int64_t) {}
 };
 
 template <class V, int R, int NV, class TB = float, class Ahead = NoAhead>
 inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const TB* b, int64_t ldb,
-                       float* c, int64_t ldc, bool accumulate, Ahead* ahead = nullptr) {
+                       float* c, int64_t ldc, bool accumulate, Ahead* ahead = nullptr, float* col_max = nullptr) {
   typename V::T acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -199,29 +201,40 @@ inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, co
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) V::store(c + r * ldc + v * V::W, acc[r][v]);
+  if (col_max) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      typename V::T mx = V::load(col_max + v * V::W);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) mx = V::max(mx, acc[r][v]);
+      V::store(col_max + v * V::W, mx);
+    }
+  }
 }
 
 template <class V, int R, class Ahead>
 inline void gemm_rows(int rows, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, bool accumulate, Ahead* ahead) {
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate, Ahead* ahead, float* col_max) {
   if constexpr (R > 1) {
-    if (rows < R) return gemm_rows<V, R - 1>(rows, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ahead);
+    if (rows < R) return gemm_rows<V, R - 1>(rows, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, ahead, col_max);
   }
   int64_t n = 0;
   for (; n + 2 * V::W <= N; n += 2 * V::W)
-    gemm_block<V, R, 2>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate, ahead);
-  if (n < N) gemm_block<V, R, 1>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate, ahead);
+    gemm_block<V, R, 2>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate, ahead, col_max ? col_max + n : nullptr);
+  if (n < N)
+    gemm_block<V, R, 1>(K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, accumulate, ahead, col_max ? col_max + n : nullptr);
 }
 
 // C[M][N] (+)= A · B for an M x K matrix A given by strides (a_rs, a_cs) and row-major B (K x N).
 // N must be a multiple of V::W (tiles are padded to it). ahead->next(k) runs at each micro-kernel step,
-// gemm_steps(M, N, K) times in all.
+// gemm_steps(M, N, K) times in all. col_max (N floats), when given: the column maxima of C folded into it.
 template <class V, class Ahead = NoAhead>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
-          float* c, int64_t ldc, bool accumulate, Ahead* ahead = nullptr) {
+          float* c, int64_t ldc, bool accumulate, Ahead* ahead = nullptr, float* col_max = nullptr) {
   for (int64_t m = 0; m < M; m += V::kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(V::kRows, M - m));
-    gemm_rows<V, V::kRows>(rows, N, K, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, accumulate, ahead);
+    gemm_rows<V, V::kRows>(rows, N, K, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, accumulate, ahead,
+                           col_max);
   }
 }
 
