@@ -10,6 +10,8 @@
 // R < W, so that with one or a few rows the softmax still runs on full vectors.
 #pragma once
 
+#include <memory>
+
 #include "cpu/decode_ops.h"
 #include "cpu/tasks.h"
 #include "cpu/tiling.h"
@@ -32,6 +34,7 @@ struct DecodeLayout {
   int64_t R;      // lanes per key in Sᵀ: a power of two <= W/4 (dot form) or a multiple of W (gemm form)
   bool dot_form;  // few rows: dot products along the head dim, reduced W at a time
   bool heads_together;  // K/V key-major: a task takes all KV heads of a batch over its keys
+  bool packs_k, packs_v;  // K (V) rows of a tile are first copied to fp32 rows of d_pad (see attend_tile)
   int64_t n_split;
   float* part;    // per (batch, KV head, split): acc (rows, d_pad), then m (rows), then l (rows)
   int64_t part_floats() const { return rows * t.d_pad + 2 * rows; }
@@ -58,7 +61,7 @@ struct DecodeScratch {
   std::vector<char> k_rows;  // one head's K rows of a tile, copied together (decode_heads_task)
   DecodeScratch(const DecodeLayout& L, int64_t heads)
       : q_size(L.R * L.t.d_pad), lane_size(std::max<int64_t>(L.R, V::W)), acc_size(L.rows * L.t.d_pad),
-        q(heads * q_size), k_p(L.t.block_k * L.t.d_pad), v_p(L.t.block_k * L.t.d_pad),
+        q(heads * q_size), k_p(L.packs_k ? L.t.block_k * L.t.d_pad : 0), v_p(L.packs_v ? L.t.block_k * L.t.d_pad : 0),
         s_t((L.t.block_k + V::W) * L.R), m(heads * lane_size), l(m.size()), alpha(m.size()),
         acc(heads * acc_size), q_bits(heads * q_size), p_pairs(2 * L.R * round_up(L.t.block_k / 2 + 1, 16)),
         k_rows(L.heads_together && !L.dot_form ? L.t.block_k * L.p->head_dim * sizeof(float) : 0) {}
@@ -127,8 +130,8 @@ void start_head(const DecodeLayout& L, const HeadState& s, int64_t b, int64_t hk
   for (int64_t r = 0; r < L.rows; ++r) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
-    if (pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&s.q_bits[r * Dp + d], q + d, 2);
-    else if (lane_pairs) for (int64_t d = 0; d < D; ++d) std::memcpy(&s.q_bits[d / 2 * 32 + r * 2 + d % 2], q + d, 2);
+    if (pairs) std::memcpy(&s.q_bits[r * Dp], q, D * 2);
+    else if (lane_pairs) for (int64_t d = 0; d < D; d += 2) std::memcpy(&s.q_bits[d / 2 * 32 + r * 2], q + d, 4);
     else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, s.q + r * Dp, Dp);
     else for (int64_t d = 0; d < D; ++d) s.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
@@ -378,9 +381,13 @@ void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<floa
     float m = kNegInf;
     for (int64_t s = 0; s < L.n_split; ++s) m = std::max(m, first[s * L.part_floats() + L.rows * Dp + r]);
     float l = 0.0f;
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    if (m != kNegInf) {
-      for (int64_t s = 0; s < L.n_split; ++s) {
+    const float* o = acc.data();  // Σ_s acc_s·2^(m_s - m), or the one part's acc as it is
+    if (L.n_split == 1) {
+      l = first[L.rows * Dp + L.rows + r];
+      o = first + r * Dp;
+    } else {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = 0; s < L.n_split && m != kNegInf; ++s) {
         const float* part = first + s * L.part_floats();
         const float weight = std::exp2(part[L.rows * Dp + r] - m);
         l += part[L.rows * Dp + L.rows + r] * weight;
@@ -390,18 +397,22 @@ void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<floa
     const int64_t h = hk * group + r / p.seq_q, i = r % p.seq_q;
     T* out = static_cast<T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h + i * p.out_stride.s;
     const bool empty = l == 0.0f;
-    unpack_rows<V>(acc.data(), Dp, 1, p.head_dim, empty ? 0.0f : 1.0f / l, out, 0);
+    unpack_rows<V>(o, Dp, 1, p.head_dim, empty ? 0.0f : 1.0f / l, out, 0);
     p.lse[(b * p.heads_q + h) * p.seq_q + i] = empty ? kNegInf : (m + std::log2(l)) * kLn2;
   }
 }
 
 template <class V, class T>
 void decode_typed(const FwdParams& p) {
-  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim), 0, 0, false, false, 0, nullptr};
+  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim), 0, 0, false, false, false, false, 0, nullptr};
   L.rows = p.seq_q * (p.heads_q / p.heads_kv);
   // With at most W/4 rows most lanes of a row-per-lane Sᵀ would be padding: take dot products instead.
   L.dot_form = 4 * L.rows <= V::W;
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
+  bool pairs, lane_pairs;
+  pair_forms<T>(L, &pairs, &lane_pairs);
+  L.packs_v = p.head_dim != L.t.d_pad;
+  L.packs_k = L.packs_v || (!L.dot_form && !lane_pairs && !std::is_same_v<T, float>);
   // Key-major K/V: all heads of a key lie closer together than one head's consecutive keys.
   L.heads_together = p.heads_kv > 1 && p.k_stride.h < p.k_stride.s && p.v_stride.h < p.v_stride.s;
   const int64_t units = p.batch * (L.heads_together ? 1 : p.heads_kv);
@@ -410,8 +421,9 @@ void decode_typed(const FwdParams& p) {
     L.t.block_k = std::clamp<int64_t>(kSpanBytes / span / kScoreKeys * kScoreKeys, kScoreKeys, L.t.block_k);
   }
   L.n_split = decode_splits(p, L.t.block_k, units);
-  std::vector<float> part(p.batch * p.heads_kv * L.n_split * L.part_floats());
-  L.part = part.data();
+  // Every task writes its whole part (finish_head): no need to clear it first.
+  const std::unique_ptr<float[]> part(new float[p.batch * p.heads_kv * L.n_split * L.part_floats()]);
+  L.part = part.get();
   run_tasks<const DecodeLayout>(p, units * L.n_split, &L, [](const DecodeLayout& L, TaskQueue& queue) {
     DecodeScratch<V> w(L, L.heads_together ? L.p->heads_kv : 1);
     for (int64_t task; queue.next(&task);) {
