@@ -30,13 +30,14 @@ constexpr int64_t kSpanBytes = 128 << 10;  // K (and V) bytes of all heads per t
 struct DecodeLayout {
   const FwdParams* p;
   Tiling t;
-  int64_t rows;   // Sq · group; row r = (head g = r / Sq, query i = r % Sq)
-  int64_t R;      // lanes per key in Sᵀ: a power of two <= W/4 (dot form) or a multiple of W (gemm form)
-  bool dot_form;  // few rows: dot products along the head dim, reduced W at a time
-  bool heads_together;  // K/V key-major: a task takes all KV heads of a batch over its keys
-  bool packs_k, packs_v;  // K (V) rows of a tile are first copied to fp32 rows of d_pad (see attend_tile)
-  int64_t n_split;
-  float* part;    // per (batch, KV head, split): acc (rows, d_pad), then m (rows), then l (rows)
+  int64_t rows = 0;   // Sq · group; row r = (head g = r / Sq, query i = r % Sq)
+  int64_t R = 0;      // lanes per key in Sᵀ: a power of two <= W/4 (dot form) or a multiple of W (gemm form)
+  bool dot_form = false;  // few rows: dot products along the head dim, reduced W at a time
+  bool heads_together = false;  // K/V key-major: a task takes all KV heads of a batch over its keys
+  bool pairs = false, lane_pairs = false;  // bf16 products on vdpbf16ps: dot form, or the rows as lanes
+  bool packs_k = false, packs_v = false;  // K (V) rows first copied to fp32 rows of d_pad (attend_tile)
+  int64_t n_split = 1;
+  float* part = nullptr;  // per (batch, KV head, split): acc (rows, d_pad), then m (rows), then l (rows)
   int64_t part_floats() const { return rows * t.d_pad + 2 * rows; }
   float* part_of(int64_t b, int64_t hk, int64_t split) const {
     return part + ((b * p->heads_kv + hk) * n_split + split) * part_floats();
@@ -106,14 +107,14 @@ void scores_rows16(int64_t D, const float* k, int64_t ld, const float* q_t, floa
   for (int i = 0; i < kScoreKeys; ++i) V::store(s_t + i * V::W, acc[i]);
 }
 
-// Which bf16 pair products a head takes: in the dot form (pairs) or with the rows as lanes (lane_pairs).
+// Which bf16 pair products the heads take: in the dot form (pairs) or with the rows as lanes (lane_pairs).
 template <class T>
-void pair_forms([[maybe_unused]] const DecodeLayout& L, bool* pairs, bool* lane_pairs) {
-  *pairs = *lane_pairs = false;
+void choose_pair_forms(DecodeLayout& L) {
+  L.pairs = L.lane_pairs = false;
 #if defined(__AVX512BF16__)
   const int64_t D = L.p->head_dim;
-  *pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
-  *lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && L.R == 16 && D % 2 == 0;
+  L.pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
+  L.lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && L.R == 16 && D % 2 == 0;
 #endif
 }
 
@@ -123,15 +124,13 @@ template <class V, class T>
 void start_head(const DecodeLayout& L, const HeadState& s, int64_t b, int64_t hk) {
   const FwdParams& p = *L.p;
   const int64_t D = p.head_dim, Dp = L.t.d_pad, R = L.R, group = p.heads_q / p.heads_kv;
-  bool pairs, lane_pairs;
-  pair_forms<T>(L, &pairs, &lane_pairs);
   std::fill(s.q, s.q + R * Dp, 0.0f);
   std::fill(s.q_bits, s.q_bits + R * Dp, uint16_t{0});
   for (int64_t r = 0; r < L.rows; ++r) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
-    if (pairs) std::memcpy(&s.q_bits[r * Dp], q, D * 2);
-    else if (lane_pairs) for (int64_t d = 0; d < D; d += 2) std::memcpy(&s.q_bits[d / 2 * 32 + r * 2], q + d, 4);
+    if (L.pairs) std::memcpy(&s.q_bits[r * Dp], q, D * 2);
+    else if (L.lane_pairs) for (int64_t d = 0; d < D; d += 2) std::memcpy(&s.q_bits[d / 2 * 32 + r * 2], q + d, 4);
     else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, s.q + r * Dp, Dp);
     else for (int64_t d = 0; d < D; ++d) s.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
@@ -151,8 +150,6 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
   const FwdParams& p = *L.p;
   const int64_t D = p.head_dim, Dp = L.t.d_pad, R = L.R;
   const bool in_place = D == Dp;  // K and V rows read (and widened) straight from memory
-  bool pairs, lane_pairs;
-  pair_forms<T>(L, &pairs, &lane_pairs);
   const int64_t keys_per_vec = std::max<int64_t>(1, V::W / R), nk_pad = round_up(nk, keys_per_vec);
   // Sᵀ = Kj · Qᵀ  (nk_pad x R, base-2 logits), kScoreKeys keys at a time. The stream from memory is
   // the whole cost: rows further on are requested at the pace of the products that read the current
@@ -164,7 +161,7 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
     if (L.dot_form && in_place) {
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, Bf16>) {
-        if (pairs) {
+        if (L.pairs) {
           LinesAhead ahead = k_ahead(j, n, scores_dot_steps<V, PairDot>(R, n, Dp));
           scores_dot<V, PairDot>(R, k_j, k_ld, n, s.q_bits, Dp, p.scale * kLog2e, s_j, ahead);
           continue;
@@ -182,7 +179,7 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
     } else {
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, Bf16>) {
-        if (lane_pairs) {
+        if (L.lane_pairs) {
           LinesAhead ahead = k_ahead(j, n, pair_scores_steps(n, D));
           pair_scores(k_j, k_ld, n, s.q_bits, D, p.scale * kLog2e, s_j, ahead);
           continue;
@@ -404,15 +401,14 @@ void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<floa
 
 template <class V, class T>
 void decode_typed(const FwdParams& p) {
-  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim), 0, 0, false, false, false, false, 0, nullptr};
+  DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim)};
   L.rows = p.seq_q * (p.heads_q / p.heads_kv);
   // With at most W/4 rows most lanes of a row-per-lane Sᵀ would be padding: take dot products instead.
   L.dot_form = 4 * L.rows <= V::W;
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
-  bool pairs, lane_pairs;
-  pair_forms<T>(L, &pairs, &lane_pairs);
+  choose_pair_forms<T>(L);
   L.packs_v = p.head_dim != L.t.d_pad;
-  L.packs_k = L.packs_v || (!L.dot_form && !lane_pairs && !std::is_same_v<T, float>);
+  L.packs_k = L.packs_v || (!L.dot_form && !L.lane_pairs && !std::is_same_v<T, float>);
   // Key-major K/V: all heads of a key lie closer together than one head's consecutive keys.
   L.heads_together = p.heads_kv > 1 && p.k_stride.h < p.k_stride.s && p.v_stride.h < p.v_stride.s;
   const int64_t units = p.batch * (L.heads_together ? 1 : p.heads_kv);
