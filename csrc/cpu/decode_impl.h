@@ -36,6 +36,7 @@ struct DecodeLayout {
   bool heads_together = false;  // K/V key-major: a task takes all KV heads of a batch over its keys
   bool pairs = false, lane_pairs = false;  // bf16 products on vdpbf16ps: dot form, or the rows as lanes
   bool packs_k = false, packs_v = false;  // K (V) rows first copied to fp32 rows of d_pad (attend_tile)
+  bool copies_k_rows = false;  // fp32, rows as lanes, heads together: a head's K rows of a tile copied first
   int64_t n_split = 1;
   float* part = nullptr;  // per (batch, KV head, split): acc (rows, d_pad), then m (rows), then l (rows)
   int64_t part_floats() const { return rows * t.d_pad + 2 * rows; }
@@ -65,7 +66,7 @@ struct DecodeScratch {
         q(heads * q_size), k_p(L.packs_k ? L.t.block_k * L.t.d_pad : 0), v_p(L.packs_v ? L.t.block_k * L.t.d_pad : 0),
         s_t((L.t.block_k + V::W) * L.R), m(heads * lane_size), l(m.size()), alpha(m.size()),
         acc(heads * acc_size), q_bits(heads * q_size), p_pairs(2 * L.R * round_up(L.t.block_k / 2 + 1, 16)),
-        k_rows(L.heads_together && !L.dot_form ? L.t.block_k * L.p->head_dim * sizeof(float) : 0) {}
+        k_rows(L.copies_k_rows ? L.t.block_k * L.p->head_dim * sizeof(float) : 0) {}
   HeadState head(int64_t h) {
     return {q.data() + h * q_size, m.data() + h * lane_size, l.data() + h * lane_size,
             alpha.data() + h * lane_size, acc.data() + h * acc_size, q_bits.data() + h * q_size};
@@ -352,7 +353,7 @@ void decode_heads_task(const DecodeLayout& L, DecodeScratch<V>& w, int64_t b, in
       };
       const T* kj = k + hk * p.k_stride.h + j0 * p.k_stride.s;
       const T* vj = v + hk * p.v_stride.h + j0 * p.v_stride.s;
-      if (std::is_same_v<T, float> && !L.dot_form) {
+      if (L.copies_k_rows) {
         // fp32 scores with the rows as lanes read 16 K rows at each step: rows a multiple of 4 KiB apart
         // would all fall in one set of the L1. They are copied together first (V rows are read one at
         // a time, and bf16 and fp16 read K 8 rows at a time or pack it).
@@ -373,7 +374,7 @@ template <class V, class T>
 void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<float>& acc) {
   const FwdParams& p = *L.p;
   const int64_t Dp = L.t.d_pad, group = p.heads_q / p.heads_kv;
-  const float* first = L.part + (b * p.heads_kv + hk) * L.n_split * L.part_floats();
+  const float* first = L.part_of(b, hk, 0);
   for (int64_t r = 0; r < L.rows; ++r) {
     float m = kNegInf;
     for (int64_t s = 0; s < L.n_split; ++s) m = std::max(m, first[s * L.part_floats() + L.rows * Dp + r]);
@@ -411,6 +412,7 @@ void decode_typed(const FwdParams& p) {
   L.packs_k = L.packs_v || (!L.dot_form && !L.lane_pairs && !std::is_same_v<T, float>);
   // Key-major K/V: all heads of a key lie closer together than one head's consecutive keys.
   L.heads_together = p.heads_kv > 1 && p.k_stride.h < p.k_stride.s && p.v_stride.h < p.v_stride.s;
+  L.copies_k_rows = L.heads_together && !L.dot_form && std::is_same_v<T, float>;
   const int64_t units = p.batch * (L.heads_together ? 1 : p.heads_kv);
   if (L.heads_together) {
     const int64_t span = p.heads_kv * std::max(p.k_stride.s, p.v_stride.s) * int64_t{sizeof(T)};
