@@ -50,8 +50,8 @@ CXX_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wex
 ISA_FLAGS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx512f", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
-    "avx512bf16": ["-mavx512f", "-mavx512bf16", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
+    "avx512": ["-mavx512f", "-mavx512vl", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
+    "avx512bf16": ["-mavx512f", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
 }
 
 

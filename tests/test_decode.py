@@ -61,19 +61,20 @@ def test_decode_is_bitwise_repeatable(cpu_unit):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("sq,group", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (2, 8)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize("sq,group", [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (7, 1), (3, 2), (1, 6), (1, 4), (2, 4),
+                                      (3, 4), (4, 4), (1, 8), (2, 8)], ids=lambda x: str(x))
 @pytest.mark.parametrize("sk,d", [(1, 128), (37, 128), (1000, 128), (515, 72)], ids=lambda x: str(x))
 def test_decode_few_rows(cpu_unit, dtype, sq, group, sk, d):
-    """Sq 1..4 on GQA groups 1, 4 and 8: every layout of the scores (1, 2 or 4 lanes per key, or rows as
-    lanes), key counts that end in a partial vector of keys and a partial tile, and a head dim that is not
-    a multiple of 16 (rows packed before use)."""
+    """1 to 16 rows per KV head (Sq x GQA group): every layout of the scores (1, 2 or 4 lanes per key, rows
+    as the lanes of an 8-lane vector (5-8 rows on AVX-512) or of a full one), key counts that end in a
+    partial vector of keys and a partial tile, and a head dim that is not a multiple of 16 (rows packed
+    before use)."""
     q, k, v = make_qkv(1, 2 * group, 2, sq, sk, d, dtype)
     check_attention(q, k, v, grads=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("sq,sk,causal,window", [
     (1, 1025, False, (10, 0)),
     (3, 1025, False, (0, -1)),
@@ -83,7 +84,8 @@ def test_decode_few_rows(cpu_unit, dtype, sq, group, sk, d):
     (2, 129, False, (-1, -1)),
 ])
 def test_decode_masks_few_rows(cpu_unit, dtype, group, sq, sk, causal, window):
-    """The masks of test_decode_masks with one to four rows per KV head (scores with several keys per vector)."""
+    """The masks of test_decode_masks with one to sixteen rows per KV head (several keys per vector, rows as
+    lanes of an 8-lane or a full vector)."""
     q, k, v = make_qkv(2, 2 * group, 2, sq, sk, 32, dtype)
     got = check_attention(q, k, v, grads=False, causal=causal, window_size=window, dlse=True)
     rows = empty_rows(sq, sk, causal, window)
@@ -104,7 +106,7 @@ def test_decode_rows_ahead(cpu_unit, dtype, sq, group, sk, d, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sq,hq,hkv,d", [(1, 8, 8, 64), (1, 32, 8, 128), (4, 16, 4, 72), (3, 6, 2, 40),
-                                         (2, 4, 4, 128)], ids=lambda x: str(x))
+                                         (2, 4, 4, 128), (2, 8, 2, 64), (1, 12, 2, 128)], ids=lambda x: str(x))
 def test_decode_key_major_kv(cpu_unit, restore_threads, dtype, sq, hq, hkv, d):
     """K/V laid out (batch, key, head, dim) as FlashAttention's KV cache, the filled part of a longer
     buffer: the decode walks all KV heads of a batch together, tile by tile, with the keys split over

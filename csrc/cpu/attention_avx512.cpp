@@ -1,4 +1,4 @@
-// The AVX-512F unit: built with -mavx512f -mfma -mf16c where the compiler supports it.
+// The AVX-512F unit: built with -mavx512f -mavx512vl -mfma -mf16c where the compiler supports it.
 #include "cpu/vec_avx512.h"
 #include "cpu/backward_impl.h"
 #include "cpu/cpu_attention.h"

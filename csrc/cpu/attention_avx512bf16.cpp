@@ -1,4 +1,4 @@
-// The AVX512_BF16 unit: built with -mavx512f -mavx512bf16 -mfma -mf16c where the compiler supports it.
+// The AVX512_BF16 unit: built with -mavx512f -mavx512vl -mavx512bf16 -mfma -mf16c where the compiler supports it.
 // bf16 prefill forwards and bf16 backwards run on bf16 dot products (forward_bf16_pairs.h,
 // backward_bf16_pairs.h); everything else (fp32 and fp16, decode shapes) is the AVX-512F unit's code,
 // compiled here again.

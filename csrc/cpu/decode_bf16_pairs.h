@@ -22,38 +22,76 @@ struct PairDot {
   static __m512 add_product(__m512 acc, Chunk k, Chunk q) { return _mm512_dpbf16_ps(acc, k, q); }
 };
 
-// Sᵀ = Kj · Qᵀ · mul for nk keys with the rows as the 16 lanes (R = 16), bf16 K and Q taken as pairs of
-// columns: per pair, one load of the query rows' pairs (q_pairs: D/2 x 16 lanes x 2) and one vdpbf16ps per
-// key with that key's pair broadcast from memory, against one fp32 FMA per column and key after widening
-// K. ahead.next() runs once per pair of columns and block of 8 keys (pair_scores_steps times).
-template <int Keys>
+// The rows-as-lanes scores in 16 lanes (zmm) or 8 (ymm, AVX-512VL: for 5-8 rows, where two ymm vdpbf16ps per
+// cycle match one zmm on a Zen 4 core).
+struct PairLanes16 {
+  using Acc = __m512;
+  static constexpr int kLanes = 16, kKeys = 8;  // keys side by side: 8 chains cover vdpbf16ps' latency
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc dot(Acc acc, int32_t k_pair, const uint16_t* q) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(k_pair), (__m512bh)_mm512_loadu_si512(q));
+  }
+  static void store(float* s, Acc acc, float mul) { _mm512_storeu_ps(s, _mm512_mul_ps(acc, _mm512_set1_ps(mul))); }
+};
+
+struct PairLanes8 {
+  using Acc = __m256;
+  static constexpr int kLanes = 8, kKeys = 16;  // two instructions per cycle: twice the chains
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static Acc dot(Acc acc, int32_t k_pair, const uint16_t* q) {
+    return _mm256_dpbf16_ps(acc, (__m256bh)_mm256_set1_epi32(k_pair), (__m256bh)_mm256_loadu_si256(
+                                                                          reinterpret_cast<const __m256i*>(q)));
+  }
+  static void store(float* s, Acc acc, float mul) { _mm256_storeu_ps(s, _mm256_mul_ps(acc, _mm256_set1_ps(mul))); }
+};
+
+// Sᵀ = Kj · Qᵀ · mul for nk keys with the rows as the P::kLanes lanes (R = kLanes), bf16 K and Q taken as
+// pairs of columns: per pair, the query rows' pairs (q_pairs: D/2 x kLanes x 2) against each key's pair
+// broadcast from memory, one vdpbf16ps per key where the fp32 form takes one FMA per column and key after
+// widening K. ahead.next() runs once per pair of columns and block of keys (pair_scores_steps times).
+// Keys > 1 go as groups of 4 rows: group bases plus 0-3 strides, the stride hidden from the compiler's loop
+// analysis (the empty asm), as in scores_rows16: left to itself, GCC kept one address per key and moved
+// those that did not fit from vector registers at every step.
+template <class P, int Keys>
 void pair_scores_block(const Bf16* k, int64_t k_stride, const uint16_t* q_pairs, int64_t D, float mul, float* s_t,
                        LinesAhead& ahead) {
-  __m512 acc[Keys];
-#pragma GCC unroll 8
-  for (auto& a : acc) a = _mm512_setzero_ps();
+  constexpr int kGroups = (Keys + 3) / 4, kPerGroup = Keys < 4 ? Keys : 4;
+  typename P::Acc acc[Keys];
+#pragma GCC unroll 16
+  for (auto& a : acc) a = P::zero();
+  const Bf16* base[kGroups];
+#pragma GCC unroll 4
+  for (int g = 0; g < kGroups; ++g) base[g] = k + 4 * g * k_stride;
   for (int64_t d = 0; d < D; d += 2) {
     ahead.next(d / 2);
-    const __m512bh q_d = (__m512bh)_mm512_loadu_si512(q_pairs + d * 16);
-#pragma GCC unroll 8
-    for (int kk = 0; kk < Keys; ++kk) {
-      int32_t pair;
-      std::memcpy(&pair, k + kk * k_stride + d, 4);
-      acc[kk] = _mm512_dpbf16_ps(acc[kk], (__m512bh)_mm512_set1_epi32(pair), q_d);
-    }
+    int64_t ld = k_stride;
+    asm("" : "+r"(ld));
+    const int64_t off[4] = {d, d + ld, d + 2 * ld, d + 3 * ld};
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroups; ++g)
+#pragma GCC unroll 4
+      for (int i = 0; i < kPerGroup; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, base[g] + off[i], 4);
+        acc[4 * g + i] = P::dot(acc[4 * g + i], pair, q_pairs + d * P::kLanes);
+      }
   }
-#pragma GCC unroll 8
-  for (int kk = 0; kk < Keys; ++kk) _mm512_storeu_ps(s_t + kk * 16, _mm512_mul_ps(acc[kk], _mm512_set1_ps(mul)));
+#pragma GCC unroll 16
+  for (int kk = 0; kk < Keys; ++kk) P::store(s_t + kk * P::kLanes, acc[kk], mul);
 }
 
-inline void pair_scores(const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_pairs, int64_t D, float mul,
-                        float* s_t, LinesAhead& ahead) {
+template <class P>
+void pair_scores(const Bf16* k, int64_t k_stride, int64_t nk, const uint16_t* q_pairs, int64_t D, float mul,
+                 float* s_t, LinesAhead& ahead) {
+  constexpr int kKeys = P::kKeys, kLanes = P::kLanes;
   int64_t j = 0;
-  for (; j + 8 <= nk; j += 8) pair_scores_block<8>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * 16, ahead);
-  for (; j < nk; ++j) pair_scores_block<1>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * 16, ahead);
+  for (; j + kKeys <= nk; j += kKeys)
+    pair_scores_block<P, kKeys>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * kLanes, ahead);
+  for (; j < nk; ++j) pair_scores_block<P, 1>(k + j * k_stride, k_stride, q_pairs, D, mul, s_t + j * kLanes, ahead);
 }
 
-constexpr int64_t pair_scores_steps(int64_t nk, int64_t D) { return (nk / 8 + nk % 8) * (D / 2); }
+template <class P>
+constexpr int64_t pair_scores_steps(int64_t nk, int64_t D) { return (nk / P::kKeys + nk % P::kKeys) * (D / 2); }
 
 // Row r of P as bf16 pairs of keys, from Pᵀ (R lanes per key, rows < R): word kp of row r = (P[2kp][r],
 // P[2kp + 1][r]) rounded to bf16 after the softmax, as in the bf16 forward; keys past nk read as 0. Out:
@@ -156,6 +194,7 @@ inline void pv_pairs(int64_t rows, int64_t R, int64_t nk, float* p_t, const Bf16
   const int64_t ld = round_up(pair_count(nk), 16), cols = pv_pairs_cols(rows, D);
   Pair* scratch = p_rows + R * ld;
   if (R == 16) p_pair_rows<16>(p_t, nk, p_rows, ld, scratch);
+  else if (R == 8) p_pair_rows<8>(p_t, nk, p_rows, ld, scratch);
   else if (R == 4) p_pair_rows<4>(p_t, nk, p_rows, ld, scratch);
   else if (R == 2) p_pair_rows<2>(p_t, nk, p_rows, ld, scratch);
   else p_pair_rows<1>(p_t, nk, p_rows, ld, scratch);

@@ -83,7 +83,7 @@ inline void mask_lanes(const DecodeLayout& L, float* s_t, int64_t j0, int64_t nk
   }
 }
 
-// Sᵀ (16 keys x 16 rows) = Kj · Qᵀ in one block of 16 accumulators: per column d, one Qᵀ vector and 16
+// Sᵀ (16 keys x W rows) = Kj · Qᵀ in one block of 16 accumulators: per column d, one Qᵀ vector and 16
 // K elements broadcast from rows ld apart. The rows are addressed as 4 bases plus 0-3 strides, the
 // strides hidden from the compiler's loop analysis (the empty asm): left to itself, GCC kept 16 row
 // addresses and, out of registers, moved some of them from vector registers at every step (7-12% slower).
@@ -109,13 +109,13 @@ void scores_rows16(int64_t D, const float* k, int64_t ld, const float* q_t, floa
 }
 
 // Which bf16 pair products the heads take: in the dot form (pairs) or with the rows as lanes (lane_pairs).
-template <class T>
+template <class V, class T>
 void choose_pair_forms(DecodeLayout& L) {
   L.pairs = L.lane_pairs = false;
 #if defined(__AVX512BF16__)
   const int64_t D = L.p->head_dim;
   L.pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
-  L.lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && L.R == 16 && D % 2 == 0;
+  L.lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && L.R == V::W && D % 2 == 0;
 #endif
 }
 
@@ -131,7 +131,7 @@ void start_head(const DecodeLayout& L, const HeadState& s, int64_t b, int64_t hk
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (hk * group + r / p.seq_q) * p.q_stride.h +
                  (r % p.seq_q) * p.q_stride.s;
     if (L.pairs) std::memcpy(&s.q_bits[r * Dp], q, D * 2);
-    else if (L.lane_pairs) for (int64_t d = 0; d < D; d += 2) std::memcpy(&s.q_bits[d / 2 * 32 + r * 2], q + d, 4);
+    else if (L.lane_pairs) for (int64_t d = 0; d < D; d += 2) std::memcpy(&s.q_bits[(d / 2 * R + r) * 2], q + d, 4);
     else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, s.q + r * Dp, Dp);
     else for (int64_t d = 0; d < D; ++d) s.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
@@ -161,7 +161,7 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
     float* s_j = w.s_t.data() + j * R;
     if (L.dot_form && in_place) {
 #if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, Bf16>) {
+      if constexpr (std::is_same_v<T, Bf16> && V::W == 16) {  // zmm code; the 8-lane unit has no dot form
         if (L.pairs) {
           LinesAhead ahead = k_ahead(j, n, scores_dot_steps<V, PairDot>(R, n, Dp));
           scores_dot<V, PairDot>(R, k_j, k_ld, n, s.q_bits, Dp, p.scale * kLog2e, s_j, ahead);
@@ -181,19 +181,25 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, Bf16>) {
         if (L.lane_pairs) {
-          LinesAhead ahead = k_ahead(j, n, pair_scores_steps(n, D));
-          pair_scores(k_j, k_ld, n, s.q_bits, D, p.scale * kLog2e, s_j, ahead);
+          using P = std::conditional_t<V::W == 16, PairLanes16, PairLanes8>;
+          LinesAhead ahead = k_ahead(j, n, pair_scores_steps<P>(n, D));
+          pair_scores<P>(k_j, k_ld, n, s.q_bits, D, p.scale * kLog2e, s_j, ahead);
           continue;
         }
       }
 #endif
-      if constexpr (std::is_same_v<T, float> && V::W == 16) {
-        // One vector of rows (R = 16): the whole chunk of keys in one block of 16 accumulators, each Qᵀ
+      if constexpr (V::kRows == 8) {
+        // One vector of rows (R = W): the whole chunk of keys in one block of 16 accumulators, each Qᵀ
         // vector loaded once for all of them (over the 8-key blocks of gemm: 1.02-1.08x in 14 of 15
         // alternating runs, fp32 with K/V from memory, 8 and 16 rows).
         if (R == V::W && n == kScoreKeys) {
           LinesAhead ahead = k_ahead(j, n, D);
-          scores_rows16<V>(D, k_j, k_ld, s.q, s_j, ahead);
+          if constexpr (std::is_same_v<T, float>) {
+            scores_rows16<V>(D, k_j, k_ld, s.q, s_j, ahead);
+          } else {
+            pack_rows<V>(k_j, k_ld, n, D, 1.0f, w.k_p.data(), Dp);
+            scores_rows16<V>(D, w.k_p.data(), Dp, s.q, s_j, ahead);
+          }
           continue;
         }
       }
@@ -407,7 +413,7 @@ void decode_typed(const FwdParams& p) {
   // With at most W/4 rows most lanes of a row-per-lane Sᵀ would be padding: take dot products instead.
   L.dot_form = 4 * L.rows <= V::W;
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
-  choose_pair_forms<T>(L);
+  choose_pair_forms<V, T>(L);
   L.packs_v = p.head_dim != L.t.d_pad;
   L.packs_k = L.packs_v || (!L.dot_form && !L.lane_pairs && !std::is_same_v<T, float>);
   // Key-major K/V: all heads of a key lie closer together than one head's consecutive keys.

@@ -101,13 +101,14 @@ void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_str
 template <class V>
 constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on AVX-512
 
-// With the rows as lanes (more than 4 rows on AVX-512) P · Vj runs in blocks of 4 rows x 4 vectors, so
-// each Vj element is loaded (and widened) once per 4 rows instead of per 2: +9-19% with 16 rows on a Zen 4
-// core. With 4 rows (the dot form) fp32 lost 2-10% that way: it keeps the 2 x 8 blocks. (bf16 with D a
-// multiple of 64 takes pv_pairs instead, decode_bf16_pairs.h.)
+// With the rows as lanes (more than 4 rows on AVX-512, zmm or ymm) P · Vj runs in blocks of 4 rows x 4
+// vectors, so each Vj element is loaded (and widened) once per 4 rows instead of per 2: +9-19% with 16 rows
+// on a Zen 4 core. With 4 rows (the dot form) fp32 lost 2-10% that way: it keeps the 2 x 8 blocks. (bf16
+// with D a multiple of 64 takes pv_pairs instead, decode_bf16_pairs.h.) Units with 32 registers only
+// (kRows == 8): 16 accumulators and the loaded Vj vectors.
 template <class V>
 constexpr bool pv_quads(int64_t rows, int64_t Dp) {
-  return V::W == 16 && rows > 4 && Dp % (4 * V::W) == 0;
+  return V::kRows == 8 && rows > 4 && Dp % (4 * V::W) == 0;
 }
 
 template <class V>

@@ -47,7 +47,9 @@ bool cpu_has(Isa isa) {
   const bool f16c = (c >> 29) & 1u;
   if (isa == Isa::kAvx2)
     return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  // Both AVX-512 units use AVX-512VL (ymm registers 16-31 for the 8-lane decode vectors).
+  const bool avx512 = f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("fma");
   if (isa == Isa::kAvx512) return avx512;
   // AVX512_BF16 is CPUID.(EAX=7, ECX=1):EAX bit 5 (the unit also uses AVX512BW's word shuffles);
   // __builtin_cpu_supports("avx512f") already means the OS saves the zmm state.

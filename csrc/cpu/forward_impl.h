@@ -205,7 +205,15 @@ void forward_tile(const FwdParams& p, const Tiling& t, FwdScratch<V>& w, int64_t
 
 template <class V, class T>
 void forward_typed(const FwdParams& p) {
-  if (use_decode(p)) return decode_typed<V, T>(p);
+  if (use_decode(p)) {
+    // Rows as lanes that would fill at most half of V's vectors (5-8 rows on AVX-512) take the narrower
+    // unit, whose lanes cost the same per cycle on a Zen 4 core (docs/architecture.md, decode).
+    if constexpr (!std::is_void_v<typename V::Narrow>) {
+      const int64_t rows = p.seq_q * (p.heads_q / p.heads_kv);
+      if (rows > V::W / 4 && rows <= V::Narrow::W) return decode_typed<typename V::Narrow, T>(p);
+    }
+    return decode_typed<V, T>(p);
+  }
   for_each_query_tile<FwdScratch<V>, forward_tile<V, T>>(p, choose_forward_tiling(p, std::is_same_v<T, float>));
 }
 

@@ -1,4 +1,5 @@
-// 8-lane fp32 vector for AVX2 + FMA + F16C. Included only by the AVX2 translation unit.
+// 8-lane fp32 vector for AVX2 + FMA + F16C. Included by the AVX2 translation unit, and by the AVX-512 ones
+// (vec_avx512.h) for their 8-lane vector.
 #pragma once
 
 #include <immintrin.h>
@@ -10,6 +11,7 @@ namespace {
 
 struct VecAvx2 {
   using T = __m256;
+  using Narrow = void;  // no narrower unit (vec_avx512.h)
   static constexpr int W = 8;      // fp32 lanes
   static constexpr int kRows = 6;  // micro-kernel rows: 6 x 2 vectors = 12 accumulators of 16 ymm
   static constexpr const char* kName = "avx2";

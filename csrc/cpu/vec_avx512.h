@@ -1,15 +1,26 @@
-// 16-lane fp32 vector for AVX-512F. Included only by the AVX-512 translation unit.
+// 16-lane fp32 vector for AVX-512F, and an 8-lane one on AVX-512VL. Included only by the AVX-512 translation units.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "cpu/vec_avx2.h"
+
 namespace attnext::cpu {
 namespace {
 
+// 8 fp32 lanes in ymm registers, all 32 of them with AVX-512VL: the decode's unit for 5-8 query rows per KV
+// head, which would leave half of every 16-lane vector empty (on a Zen 4 core two ymm FMAs per cycle
+// match one zmm FMA).
+struct VecYmm : VecAvx2 {
+  static constexpr int kRows = 8;  // micro-kernel rows: 8 x 2 vectors = 16 accumulators of 32 ymm
+  static constexpr const char* kName = "avx512 (ymm)";
+};
+
 struct VecAvx512 {
   using T = __m512;
+  using Narrow = VecYmm;  // half the lanes, for problems that fill only half of them
   static constexpr int W = 16;     // fp32 lanes
   static constexpr int kRows = 8;  // micro-kernel rows: 8 x 2 vectors = 16 accumulators of 32 zmm
   static constexpr const char* kName = "avx512";
