@@ -55,6 +55,7 @@ struct PairLanes8 {
 template <class P, int Keys>
 void pair_scores_block(const Bf16* k, int64_t k_stride, const uint16_t* q_pairs, int64_t D, float mul, float* s_t,
                        LinesAhead& ahead) {
+  static_assert(Keys == 1 || Keys % 4 == 0, "keys go as groups of 4");
   constexpr int kGroups = (Keys + 3) / 4, kPerGroup = Keys < 4 ? Keys : 4;
   typename P::Acc acc[Keys];
 #pragma GCC unroll 16
