@@ -51,7 +51,8 @@ ISA_FLAGS = {
     "scalar": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512vl", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
-    "avx512bf16": ["-mavx512f", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
+    "avx512bf16": ["-mavx512f", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-Wno-uninitialized",
+                   "-Wno-maybe-uninitialized"],
 }
 
 
