@@ -409,7 +409,7 @@ void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<floa
 template <class V, class T>
 void decode_typed(const FwdParams& p) {
   DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim)};
-  L.rows = p.seq_q * (p.heads_q / p.heads_kv);
+  L.rows = decode_rows(p);
   // With at most W/4 rows most lanes of a row-per-lane Sᵀ would be padding: take dot products instead.
   L.dot_form = 4 * L.rows <= V::W;
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);

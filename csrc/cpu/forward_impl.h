@@ -209,7 +209,7 @@ void forward_typed(const FwdParams& p) {
     // Rows as lanes that would fill at most half of V's vectors (5-8 rows on AVX-512) take the narrower
     // unit, whose lanes cost the same per cycle on a Zen 4 core (docs/architecture.md, decode).
     if constexpr (!std::is_void_v<typename V::Narrow>) {
-      const int64_t rows = p.seq_q * (p.heads_q / p.heads_kv);
+      const int64_t rows = decode_rows(p);
       if (rows > V::W / 4 && rows <= V::Narrow::W) return decode_typed<typename V::Narrow, T>(p);
     }
     return decode_typed<V, T>(p);

@@ -93,9 +93,10 @@ inline int64_t backward_splits(int64_t batch, int64_t heads_kv, int64_t seq_k, i
 // query rows (Sq x the GQA group): its lanes are those rows, so it streams K and V once per group.
 constexpr int64_t kDecodeMaxRows = 16;
 
-inline bool use_decode(const FwdParams& p) {
-  return p.heads_kv > 0 && p.seq_q * (p.heads_q / p.heads_kv) <= kDecodeMaxRows;
-}
+// Query rows per KV head (Sq · Hq/Hkv): the decode's rows (heads_kv > 0).
+inline int64_t decode_rows(const FwdParams& p) { return p.seq_q * (p.heads_q / p.heads_kv); }
+
+inline bool use_decode(const FwdParams& p) { return p.heads_kv > 0 && decode_rows(p) <= kDecodeMaxRows; }
 
 // Tasks per unit of the decode forward (a (batch, KV head), or a batch whose KV heads go together): the
 // key range is split when the units alone cannot give every thread two tasks.
