@@ -50,6 +50,24 @@ def test_cpu_suite_judges_decode_rows_against_probes_beside_them(tmp_path):
                "--dtypes", "fp32", "--threads", "1", "--reps", "1", "--warmup", "0", "--markdown", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "bandwidth GB/s before / after" in out.read_text()
+    assert "back to back ms" in out.read_text()
+
+
+def test_decode_rows_also_time_attnext_back_to_back():
+    """measure(again=True) times a second attnext call right after each timed one: A, A', B per round."""
+    import torch
+
+    from attnext.bench import configs, targets, timing
+
+    cfg = configs.DecodeConfig(torch.float32, 1, 4, 2, 1, 64, 16)
+    timings, _ = timing.measure(cfg, torch.device("cpu"), reps=3, warmup=2, again=True)
+    assert len(timings[timing.AGAIN]["samples_ms"]) == len(timings["attnext"]["samples_ms"]) == 3
+    assert timing.AGAIN not in timing.measure(cfg, torch.device("cpu"), reps=1, warmup=0)[0]
+    header = {"bandwidth_gbs": {1: 100.0}, "fma_peak_gflops": 100.0}
+    big = configs.DecodeConfig(torch.float32, 1, 4, 2, 1, 1000, 125)  # 2 MB of K/V
+    row = targets.add_ceiling_fields(dict(threads=1, attnext_ms=0.1, peer_ms=0.2, attnext_again_ms=0.05), big, header)
+    assert row["attnext_again_kv_gbs"] == 40.0 and row["bandwidth_fraction_again"] == 0.4
+    assert row["bandwidth_fraction"] == 0.2  # the verdict's figure stays the interleaved call's
 
 
 def test_cpu_suite_times_decode_on_key_major_kv(tmp_path):

@@ -42,14 +42,16 @@ def time_row(target, cfg, threads, args, device, ceil):
     # 20-30% within a run, more than the margin of many rows.
     before = machine.read_bandwidth(threads, runs=BESIDE_RUNS) if decode else None
     with machine.OtherLoad() as load:
-        timings, missing = timing.measure(cfg, device, args.reps, args.warmup, slow, SLOW_REPS, cold)
+        timings, missing = timing.measure(cfg, device, args.reps, args.warmup, slow, SLOW_REPS, cold, again=decode)
     after = machine.read_bandwidth(threads, runs=BESIDE_RUNS) if decode else None
     if PEER not in timings:
         raise RuntimeError(f"attnext.bench: torch SDPA cannot run {cfg.label()}: {missing.get(PEER)}")
     row = timing.result_row(cfg, device, threads, PEER, timings["attnext"], timings[PEER])
     row.update(target=target.name, other_load=load.cores, disturbed=load.disturbed)
     if decode:
-        row.update(bandwidth_before_gbs=before, bandwidth_after_gbs=after)
+        again = timings[timing.AGAIN]
+        row.update(bandwidth_before_gbs=before, bandwidth_after_gbs=after, attnext_again_ms=again["median_ms"],
+                   attnext_again_samples_ms=again["samples_ms"])
     targets.add_ceiling_fields(row, cfg, ceil)
     row["result"], row["reason"] = targets.verdict(target, row)
     return row

@@ -48,15 +48,22 @@ def _cap(row):
     return "?" if cap is None else f"{100 * cap:.0f}"
 
 
+def _again(row):
+    """attnext's back-to-back calls (timing.measure(again=True)): ms and % bandwidth, not judged."""
+    if row.get("attnext_again_ms") is None:
+        return ["-", "-"]
+    return [f"{row['attnext_again_ms']:.3f}", f"{100 * row['bandwidth_fraction_again']:.1f}"]
+
+
 def _decode_table(rows):
     columns = ["dtype", "B", "Hq", "Hkv", "Sq", "Sk", "D", "K/V", "KV MiB", "threads", "reps", "attnext ms", "torch ms",
                "attnext KV GB/s", "torch KV GB/s", "bandwidth GB/s before / after", "% bandwidth",
-               "% bandwidth at FMA peak", "ratio", "others", "result"]
+               "% bandwidth at FMA peak", "ratio", "back to back ms", "back to back % bandwidth", "others", "result"]
     body = [[r["dtype"], r["batch"], r["heads"], r["heads_kv"], r["seq_q"], r["seq_k"], r["head_dim"],
              r.get("kv_layout", "bhsd"), f"{r['kv_bytes'] / MIB:.0f}", r["threads"], r["reps"],
              f"{r['attnext_ms']:.3f}", f"{r['peer_ms']:.3f}", f"{r['attnext_kv_gbs']:.1f}", f"{r['peer_kv_gbs']:.1f}",
-             _beside(r), f"{100 * r['bandwidth_fraction']:.1f}", _cap(r), f"{r['ratio']:.2f}", _others(r),
-             _result(r)] for r in rows]
+             _beside(r), f"{100 * r['bandwidth_fraction']:.1f}", _cap(r), f"{r['ratio']:.2f}", *_again(r),
+             _others(r), _result(r)] for r in rows]
     return report.table(columns, body)
 
 
@@ -101,7 +108,9 @@ def report_lines(the_plan, rows, end, reps, warmup, slow_reps, notes):
              f"{machine.BANDWIDTH_MIB} MiB) run just before and after the row at its thread count; % bandwidth at FMA "
              "peak = the most of that bandwidth the row's arithmetic (4*B*Hq*Sq*Sk*D flops) allows at the per-core FMA "
              "peak times the threads (bf16: times the products per lane of attnext's CPU unit, 2 on avx512bf16); "
-             "below 80 the target cannot be met on this machine",
+             "below 80 the target cannot be met on this machine; back to back: the median of attnext calls made "
+             "right after each timed attnext call (on the next K/V copy), not judged: the calls the verdicts use "
+             "follow a torch call, and memory reads after a pause in the memory stream are slower (docs/benchmarks.md)",
              "threads: attnext alone at 1 and 2 threads interleaved, the two-core probe run just before and after",
              "others: CPU time that other processes used, or the hypervisor stole, while the row was timed "
              f"(/proc/stat), in cores' worth; above {machine.BUSY_OTHERS} the row is disturbed: its result says so, "

@@ -112,11 +112,16 @@ class Case:
         return (time.perf_counter() - start) * 1e3
 
 
-def measure(config, device, reps, warmup, slow_ms=None, slow_reps=None, cold_kv_bytes=0):
+AGAIN = "attnext back to back"  # measure(again=True): the attnext call made right after each timed one
+
+
+def measure(config, device, reps, warmup, slow_ms=None, slow_reps=None, cold_kv_bytes=0, again=False):
     """Times attnext and each peer on `config`: A, B, A, B, ... after `warmup` rounds.
 
     When a call of the first warm-up round takes more than `slow_ms`, `slow_reps` timed rounds follow it and
-    no other warm-up (the number taken is len(samples_ms)). `cold_kv_bytes`: see Case.
+    no other warm-up (the number taken is len(samples_ms)). `cold_kv_bytes`: see Case. `again`: each attnext
+    call is followed at once by another (on the next K/V copy), timed as AGAIN: A, A', B, A, A', B, ... The
+    A' calls follow attnext's own call rather than a peer's, as the calls of a decode loop follow each other.
     Returns {name: {"median_ms", "min_ms", "samples_ms"}} and {name: reason} for peers that could not run.
     """
     case = Case(config, device, cold_kv_bytes=cold_kv_bytes)
@@ -139,6 +144,8 @@ def measure(config, device, reps, warmup, slow_ms=None, slow_reps=None, cold_kv_
     if slow_ms is not None and first_ms > slow_ms:
         reps, warmup = min(reps, slow_reps), 1
     samples = {name: [] for name in impls}
+    if again:
+        samples[AGAIN] = []
     gc.collect()
     gc_enabled = gc.isenabled()
     gc.disable()
@@ -148,6 +155,10 @@ def measure(config, device, reps, warmup, slow_ms=None, slow_reps=None, cold_kv_
                 ms = case.run(call)
                 if i >= warmup - 1:
                     samples[name].append(ms)
+                if again and name == "attnext":
+                    ms = case.run(call)
+                    if i >= warmup - 1:
+                        samples[AGAIN].append(ms)
     finally:
         if gc_enabled:
             gc.enable()
