@@ -123,13 +123,19 @@ def add_ceiling_fields(row, cfg, ceil):
         else:
             bandwidth = sum(beside) / 2
         row["bandwidth_gbs"] = bandwidth
+
+        def gbs(ms):
+            return kv / (ms * 1e-3) / 1e9
+
+        def share(rate):
+            return rate / bandwidth if bandwidth else float("nan")
+
         row.update(heads_kv=cfg.heads_kv, seq_q=cfg.seq_q, seq_k=cfg.seq_k, kv_layout=cfg.kv_layout, kv_bytes=kv,
-                   attnext_kv_gbs=kv / (row["attnext_ms"] * 1e-3) / 1e9,
-                   peer_kv_gbs=kv / (row["peer_ms"] * 1e-3) / 1e9)
-        row["bandwidth_fraction"] = row["attnext_kv_gbs"] / bandwidth if bandwidth else float("nan")
+                   attnext_kv_gbs=gbs(row["attnext_ms"]), peer_kv_gbs=gbs(row["peer_ms"]))
+        row["bandwidth_fraction"] = share(row["attnext_kv_gbs"])
         if row.get("attnext_again_ms") is not None:  # not judged: see timing.measure(again=True)
-            row["attnext_again_kv_gbs"] = kv / (row["attnext_again_ms"] * 1e-3) / 1e9
-            row["bandwidth_fraction_again"] = row["attnext_again_kv_gbs"] / bandwidth if bandwidth else float("nan")
+            row["attnext_again_kv_gbs"] = gbs(row["attnext_again_ms"])
+            row["bandwidth_fraction_again"] = share(row["attnext_again_kv_gbs"])
         row["arithmetic_cap_fraction"] = arithmetic_cap(cfg, row["threads"], bandwidth, ceil) if bandwidth else None
     else:
         row["peak_fraction"] = row["attnext_rate"] / row["threads"] / ceil["fma_peak_gflops"]
