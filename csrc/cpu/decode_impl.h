@@ -31,7 +31,7 @@ struct DecodeLayout {
   const FwdParams* p;
   Tiling t;
   int64_t rows = 0;   // Sq · group; row r = (head g = r / Sq, query i = r % Sq)
-  int64_t R = 0;      // lanes per key in Sᵀ: a power of two <= W/4 (dot form) or a multiple of W (gemm form)
+  int64_t R = 0;      // lanes per key in Sᵀ: 1, 2 or 4 <= W/2 (dot form) or a multiple of W (gemm form)
   bool dot_form = false;  // few rows: dot products along the head dim, reduced W at a time
   bool heads_together = false;  // K/V key-major: a task takes all KV heads of a batch over its keys
   bool pairs = false, lane_pairs = false;  // bf16 products on vdpbf16ps: dot form, or the rows as lanes
@@ -410,8 +410,10 @@ template <class V, class T>
 void decode_typed(const FwdParams& p) {
   DecodeLayout L{&p, choose_tiling(p.seq_q, p.head_dim)};
   L.rows = decode_rows(p);
-  // With at most W/4 rows most lanes of a row-per-lane Sᵀ would be padding: take dot products instead.
-  L.dot_form = 4 * L.rows <= V::W;
+  // With at most 4 rows most lanes of a row-per-lane Sᵀ would be padding (at least half of 8): take dot
+  // products instead, each vector holding at least 2 keys. (3-4 rows on the 8-lane avx2 unit, where this
+  // once took the rows as lanes: 1.4-1.5x, fp32 and bf16, K/V from memory, on a Zen 4 core.)
+  L.dot_form = L.rows <= std::min(4, V::W / 2);
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
   choose_pair_forms<V, T>(L);
   L.packs_v = p.head_dim != L.t.d_pad;

@@ -79,7 +79,7 @@ void scores_dot(int64_t R, const TK* k, int64_t k_stride, int64_t nk, const type
                 float mul, float* s_t, LinesAhead& ahead) {
   if (R == 1) return scores_dot<V, Dot, 1>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
   if (R == 2) return scores_dot<V, Dot, 2>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
-  if constexpr (V::W >= 16) return scores_dot<V, Dot, 4>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
+  return scores_dot<V, Dot, 4>(k, k_stride, nk, q, Dp, mul, s_t, ahead);
 }
 
 // acc (Rows x Dp) += P · Vj, P read from Pᵀ (R lanes per key), Vj rows widened in registers: Rows x 8
@@ -104,18 +104,24 @@ constexpr int kPassRows = std::max(1, 2 * V::kRows / 8);  // 16 accumulators on 
 // With the rows as lanes (more than 4 rows on AVX-512, zmm or ymm) P · Vj runs in blocks of 4 rows x 4
 // vectors, so each Vj element is loaded (and widened) once per 4 rows instead of per 2: +9-19% with 16 rows
 // on a Zen 4 core. With 4 rows (the dot form) fp32 lost 2-10% that way: it keeps the 2 x 8 blocks. (bf16
-// with D a multiple of 64 takes pv_pairs instead, decode_bf16_pairs.h.) Units with 32 registers only
-// (kRows == 8): 16 accumulators and the loaded Vj vectors.
+// with D a multiple of 64 takes pv_pairs instead, decode_bf16_pairs.h.) With 32 registers: 16 accumulators
+// and the loaded Vj vectors. AVX2's 16 registers hold 4 rows x 2 vectors (8 accumulators), which it takes
+// from 4 rows on: its passes hold one row (8 vectors), so each Vj element was loaded once per row (bf16
+// 4 rows, K/V from memory: 1.5x on a Zen 4 core running the avx2 unit).
+template <class V>
+constexpr int kQuadVecs = V::kRegisters == 32 ? 4 : 2;
+
 template <class V>
 constexpr bool pv_quads(int64_t rows, int64_t Dp) {
-  return V::kRows == 8 && rows > 4 && Dp % (4 * V::W) == 0;
+  const bool enough_rows = V::kRegisters == 32 ? rows > 4 : V::kRegisters == 16 && rows >= 4;
+  return enough_rows && Dp % (kQuadVecs<V> * V::W) == 0;
 }
 
 template <class V>
 constexpr int64_t pv_steps(int64_t rows, int64_t nk, int64_t Dp) {
   const int64_t blocks = Dp / (8 * V::W) + (Dp % (8 * V::W) >= 4 * V::W) + Dp % (4 * V::W) / V::W;
   const int64_t quads = pv_quads<V>(rows, Dp) ? rows / 4 : 0, rest = rows - 4 * quads;
-  return (quads * (Dp / (4 * V::W)) + (rest + kPassRows<V> - 1) / kPassRows<V> * blocks) * nk;
+  return (quads * (Dp / (kQuadVecs<V> * V::W)) + (rest + kPassRows<V> - 1) / kPassRows<V> * blocks) * nk;
 }
 
 template <class V, class TV>
@@ -125,8 +131,8 @@ void pv(int64_t rows, int64_t nk, const float* p_t, int64_t R, const TV* v, int6
   int64_t r = 0;
   if (pv_quads<V>(rows, Dp)) {
     for (; r + 4 <= rows; r += 4)
-      for (int64_t n = 0; n < Dp; n += 4 * V::W)
-        gemm_block<V, 4, 4>(nk, p_t + r, 1, R, v + n, v_stride, acc + r * Dp + n, Dp, true, &ahead);
+      for (int64_t n = 0; n < Dp; n += kQuadVecs<V> * V::W)
+        gemm_block<V, 4, kQuadVecs<V>>(nk, p_t + r, 1, R, v + n, v_stride, acc + r * Dp + n, Dp, true, &ahead);
   }
   for (; r < rows; r += kRows) {
     if (r + kRows <= rows) pv_pass<V, kRows>(nk, p_t + r, R, v, v_stride, acc + r * Dp, Dp, ahead);

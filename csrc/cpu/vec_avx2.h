@@ -14,6 +14,7 @@ struct VecAvx2 {
   using Narrow = void;  // no narrower unit (vec_avx512.h)
   static constexpr int W = 8;      // fp32 lanes
   static constexpr int kRows = 6;  // micro-kernel rows: 6 x 2 vectors = 12 accumulators of 16 ymm
+  static constexpr int kRegisters = 16;  // vector registers
   static constexpr const char* kName = "avx2";
 
   static T zero() { return _mm256_setzero_ps(); }

@@ -15,6 +15,7 @@ namespace {
 // match one zmm FMA).
 struct VecYmm : VecAvx2 {
   static constexpr int kRows = 8;  // micro-kernel rows: 8 x 2 vectors = 16 accumulators of 32 ymm
+  static constexpr int kRegisters = 32;
   static constexpr const char* kName = "avx512 (ymm)";
 };
 
@@ -23,6 +24,7 @@ struct VecAvx512 {
   using Narrow = VecYmm;  // half the lanes, for problems that fill only half of them
   static constexpr int W = 16;     // fp32 lanes
   static constexpr int kRows = 8;  // micro-kernel rows: 8 x 2 vectors = 16 accumulators of 32 zmm
+  static constexpr int kRegisters = 32;  // vector registers
   static constexpr const char* kName = "avx512";
 
   static T zero() { return _mm512_setzero_ps(); }

@@ -15,6 +15,7 @@ struct VecScalar {
   };
   static constexpr int W = 8;
   static constexpr int kRows = 4;
+  static constexpr int kRegisters = 0;  // none: the lanes are plain arrays
   using Narrow = void;  // no narrower unit (vec_avx512.h)
   static constexpr const char* kName = "scalar";
 
