@@ -145,13 +145,14 @@ struct LinesAhead {
 // the rows lie back to back, otherwise requested here at once.
 inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int64_t row_bytes, int64_t steps) {
   const char* begin = static_cast<const char*>(first);
-  LinesAhead ahead{begin, begin, 0, 1};
+  LinesAhead ahead{begin, begin, std::numeric_limits<int64_t>::max(), 1};  // nothing to request: next() returns at once
   if (n <= 0) return ahead;
   if (stride != row_bytes) {
     prefetch_rows(begin, stride, n, row_bytes);
     return ahead;
   }
   ahead.end = begin + n * row_bytes;
+  ahead.mask = 0;
   const int64_t lines = (n * row_bytes + 63) / 64;
   while (ahead.count * std::max<int64_t>(steps, 1) < lines) ahead.count *= 2;
   while ((ahead.mask + 1) * 2 * lines <= steps) ahead.mask = ahead.mask * 2 + 1;
