@@ -9,6 +9,13 @@
 namespace attnext::cpu {
 namespace {
 
+// 2^f for |f| <= 1/2 as a degree-5 series, highest power first (relative error at most 2.1e-7, under two
+// fp32 roundings), shared by the exp2 of the AVX2 and AVX-512 units. Its constant term is exactly 1, so
+// 2^0 = 1: the online softmax skips the rescale of rows whose maximum did not move, and a rescale by
+// 1 + 2^-23 per tile would weigh early keys against late ones.
+constexpr float kExp2Series[] = {1.3266970386e-3f, 9.6754597455e-3f, 5.5507426160e-2f,
+                                 2.4022121754e-1f, 6.9314694916e-1f, 1.0f};
+
 struct VecAvx2 {
   using T = __m256;
   using Narrow = void;  // no narrower unit (vec_avx512.h)
@@ -49,22 +56,18 @@ struct VecAvx2 {
   template <int S>  // lane i from a where bit S of i is clear, from b where it is set
   static T pick(T a, T b) { return _mm256_blend_ps(a, b, S == 1 ? 0xAA : S == 2 ? 0xCC : 0xF0); }
 
-  // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by its degree-6 Taylor series in f·ln2
-  // (relative error < 2e-7), 2^n written into the exponent bits. x < -126 gives exactly 0.
+  // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by kExp2Series, times 2^n built in the exponent
+  // bits. Adding 1.5·2^23 + 127 rounds x to an integer in the low mantissa bits, already biased by 127,
+  // which the shift by 23 moves into the exponent field. x is clamped at -127 first: -inf (masked scores)
+  // gives exactly 0.
   static T exp2(T x) {
+    const T magic = _mm256_set1_ps(12582912.0f + 127.0f);
     const T xc = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
-    const T n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const T f = _mm256_sub_ps(xc, n);
-    T p = _mm256_set1_ps(1.5403530393381606e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const T r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_LT_OQ), r);
+    const T t = _mm256_add_ps(xc, magic);
+    const T f = _mm256_sub_ps(xc, _mm256_sub_ps(t, magic));
+    T p = _mm256_set1_ps(kExp2Series[0]);
+    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Series[i]));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
   }
 
   static T load_bf16(const uint16_t* p) {  // bf16 is the top half of an fp32

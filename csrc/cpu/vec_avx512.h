@@ -51,19 +51,13 @@ struct VecAvx512 {
     return _mm512_mask_blend_ps(high, a, b);
   }
 
-  // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by a degree-5 polynomial, times 2^n by vscalefps
-  // (relative error at most 2.1e-7, under two fp32 roundings). Its constant term is exactly 1, so 2^0 = 1:
-  // the online softmax skips the rescale of rows whose maximum did not move, and a rescale by 1 + 2^-23
-  // per tile would weigh early keys against late ones. x < -126 (masked scores: -inf) gives exactly 0.
+  // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by kExp2Series (vec_avx2.h), times 2^n by
+  // vscalefps. x < -126 (masked scores: -inf) gives exactly 0.
   static T exp2(T x) {
     const T n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const T f = _mm512_sub_ps(x, n);
-    T p = _mm512_set1_ps(1.3266970386e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6754597455e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507426160e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121754e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694916e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    T p = _mm512_set1_ps(kExp2Series[0]);
+    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Series[i]));
     const __mmask16 visible = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
     return _mm512_maskz_scalef_ps(visible, p, n);
   }
