@@ -145,7 +145,8 @@ struct LinesAhead {
 // the rows lie back to back, otherwise requested here at once.
 inline LinesAhead lines_ahead(const void* first, int64_t n, int64_t stride, int64_t row_bytes, int64_t steps) {
   const char* begin = static_cast<const char*>(first);
-  LinesAhead ahead{begin, begin, std::numeric_limits<int64_t>::max(), 1};  // nothing to request: next() returns at once
+  // Nothing to request (yet): a mask no step number clears makes next() return at once.
+  LinesAhead ahead{begin, begin, std::numeric_limits<int64_t>::max(), 1};
   if (n <= 0) return ahead;
   if (stride != row_bytes) {
     prefetch_rows(begin, stride, n, row_bytes);

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <iterator>
 
 namespace attnext::cpu {
 namespace {
@@ -66,7 +67,7 @@ struct VecAvx2 {
     const T t = _mm256_add_ps(xc, magic);
     const T f = _mm256_sub_ps(xc, _mm256_sub_ps(t, magic));
     T p = _mm256_set1_ps(kExp2Series[0]);
-    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Series[i]));
+    for (size_t i = 1; i < std::size(kExp2Series); ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Series[i]));
     return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
   }
 

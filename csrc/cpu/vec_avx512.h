@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <iterator>
 
 #include "cpu/vec_avx2.h"
 
@@ -57,7 +58,7 @@ struct VecAvx512 {
     const T n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const T f = _mm512_sub_ps(x, n);
     T p = _mm512_set1_ps(kExp2Series[0]);
-    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Series[i]));
+    for (size_t i = 1; i < std::size(kExp2Series); ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Series[i]));
     const __mmask16 visible = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
     return _mm512_maskz_scalef_ps(visible, p, n);
   }
