@@ -35,6 +35,8 @@ struct DecodeLayout {
   bool dot_form = false;  // few rows: dot products along the head dim, reduced W at a time
   bool heads_together = false;  // K/V key-major: a task takes all KV heads of a batch over its keys
   bool pairs = false, lane_pairs = false;  // bf16 products on vdpbf16ps: dot form, or the rows as lanes
+  bool split_v = false;  // other bf16: V widened by pairs, acc's columns in split order (split_columns)
+  bool split_k = false;  // and the dot form's K likewise, against Q in split order
   bool packs_k = false, packs_v = false;  // K (V) rows first copied to fp32 rows of d_pad (attend_tile)
   bool copies_k_rows = false;  // fp32, rows as lanes, heads together: a head's K rows of a tile copied first
   int64_t n_split = 1;
@@ -108,6 +110,19 @@ void scores_rows16(int64_t D, const float* k, int64_t ld, const float* q_t, floa
   for (int i = 0; i < kScoreKeys; ++i) V::store(s_t + i * V::W, acc[i]);
 }
 
+#if defined(__AVX512BF16__)
+constexpr bool kPairProducts = true;  // vdpbf16ps: bf16 takes the pair forms (choose_pair_forms)
+#else
+constexpr bool kPairProducts = false;
+#endif
+
+// bf16 K and V widened by pairs (split order) on units without vdpbf16ps: with 32 registers (AVX-512F,
+// zmm or ymm) 1-16 rows per KV head ran 1.02-1.13x (K/V from memory, 8k keys, one thread, a Zen 4 core
+// running the avx512 unit); with AVX2's 16 the dot form's split query chunks no longer fit the registers
+// and one row's chain doubles: 0.79-0.97x, so AVX2 keeps the plain widening.
+template <class V, class T>
+constexpr bool kSplitBf16 = std::is_same_v<T, Bf16> && V::kRegisters == 32 && !kPairProducts;
+
 // Which bf16 pair products the heads take: in the dot form (pairs) or with the rows as lanes (lane_pairs).
 template <class V, class T>
 void choose_pair_forms(DecodeLayout& L) {
@@ -132,7 +147,10 @@ void start_head(const DecodeLayout& L, const HeadState& s, int64_t b, int64_t hk
                  (r % p.seq_q) * p.q_stride.s;
     if (L.pairs) std::memcpy(&s.q_bits[r * Dp], q, D * 2);
     else if (L.lane_pairs) for (int64_t d = 0; d < D; d += 2) std::memcpy(&s.q_bits[(d / 2 * R + r) * 2], q + d, 4);
-    else if (L.dot_form) pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, s.q + r * Dp, Dp);
+    else if (L.dot_form) {
+      pack_rows<V>(q, 0, 1, D, p.scale * kLog2e, s.q + r * Dp, Dp);
+      if (L.split_k) split_columns<V>(s.q + r * Dp, Dp, false);
+    }
     else for (int64_t d = 0; d < D; ++d) s.q[d * R + r] = Convert<V>::to_float(q[d]) * p.scale * kLog2e;
   }
   const int64_t lanes = std::max<int64_t>(R, V::W);
@@ -169,6 +187,14 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
         }
       }
 #endif
+      if constexpr (kSplitBf16<V, T>) {
+        if (L.split_k) {
+          using Dot = SplitBf16Dot<V>;
+          LinesAhead ahead = k_ahead(j, n, scores_dot_steps<V, Dot>(R, n, Dp));
+          scores_dot<V, Dot>(R, k_j, k_ld, n, s.q, Dp, 1.0f, s_j, ahead);
+          continue;
+        }
+      }
       using Dot = WidenedDot<V, T>;
       LinesAhead ahead = k_ahead(j, n, scores_dot_steps<V, Dot>(R, n, Dp));
       scores_dot<V, Dot>(R, k_j, k_ld, n, s.q, Dp, 1.0f, s_j, ahead);
@@ -230,6 +256,12 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
   }
 #endif
   LinesAhead ahead = v_ahead(pv_steps<V>(L.rows, nk, Dp));
+  if constexpr (kSplitBf16<V, T>) {
+    if (L.split_v) {  // acc's columns in split order, joined in finish_head
+      pv<V>(L.rows, nk, w.s_t.data(), R, reinterpret_cast<const Bf16Split*>(vj), v_ld, s.acc, Dp, ahead);
+      return;
+    }
+  }
   if (in_place) pv<V>(L.rows, nk, w.s_t.data(), R, vj, v_ld, s.acc, Dp, ahead);
   else {
     pack_rows<V>(vj, v_ld, nk, D, 1.0f, w.v_p.data(), Dp);
@@ -237,13 +269,16 @@ void attend_tile(const DecodeLayout& L, DecodeScratch<V>& w, const HeadState& s,
   }
 }
 
-// acc, m and l of a head into its part; l as the per-lane partial sums of each row added up.
+// acc (its columns in natural order), m and l of a head into its part; l as the per-lane partial sums of
+// each row added up.
 template <class V>
 void finish_head(const DecodeLayout& L, const HeadState& s, float* part) {
   const int64_t Dp = L.t.d_pad;
   if (L.R < V::W)
     V::store(s.l, fold_lanes<V>(V::load(s.l), L.R, [](auto a, auto b) { return V::add(a, b); }));
   std::copy_n(s.acc, L.rows * Dp, part);
+  if (L.split_v)
+    for (int64_t r = 0; r < L.rows; ++r) split_columns<V>(part + r * Dp, Dp, true);
   std::copy_n(s.m, L.rows, part + L.rows * Dp);
   std::copy_n(s.l, L.rows, part + L.rows * Dp + L.rows);
 }
@@ -416,6 +451,10 @@ void decode_typed(const FwdParams& p) {
   L.dot_form = L.rows <= std::min(4, V::W / 2);
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
   choose_pair_forms<V, T>(L);
+  // bf16 without vdpbf16ps: each K and V vector widened from pairs (one instruction per W elements where
+  // the plain widening takes two), for head dims that split rows into whole runs of 4 vectors.
+  L.split_v = kSplitBf16<V, T> && !L.pairs && !L.lane_pairs && p.head_dim % (4 * V::W) == 0;
+  L.split_k = L.split_v && L.dot_form;
   L.packs_v = p.head_dim != L.t.d_pad;
   L.packs_k = L.packs_v || (!L.dot_form && !L.lane_pairs && !std::is_same_v<T, float>);
   // Key-major K/V: all heads of a key lie closer together than one head's consecutive keys.

@@ -22,6 +22,41 @@ struct WidenedDot {
   static typename V::T add_product(typename V::T acc, Chunk k, Chunk q) { return V::fma(k, q, acc); }
 };
 
+// The dot form's products on bf16 K read in pairs, for units without vdpbf16ps: 2W columns per step, whose
+// even and odd elements widen by one shift and one mask each (V::load_bf16_pairs; the plain widening takes
+// two instructions per W), against query rows stored in the same split order (split_columns).
+template <class V>
+struct SplitBf16Dot {
+  using Q = float;
+  struct Chunk {
+    typename V::T even, odd;
+  };
+  static constexpr int kCols = 2 * V::W;
+  static Chunk load_q(const float* q) { return {V::load(q), V::load(q + V::W)}; }
+  static Chunk load_k(const Bf16* k) {
+    Chunk c;
+    V::load_bf16_pairs(reinterpret_cast<const uint16_t*>(k), c.even, c.odd);
+    return c;
+  }
+  static typename V::T add_product(typename V::T acc, Chunk k, Chunk q) {
+    return V::fma(k.odd, q.odd, V::fma(k.even, q.even, acc));
+  }
+};
+
+// x[0, n) between natural and split column order: per 2W columns, the W even ones, then the W odd ones
+// (join: back). n is a multiple of 2W.
+template <class V>
+void split_columns(float* x, int64_t n, bool join) {
+  float tmp[2 * V::W];
+  for (int64_t c = 0; c < n; c += 2 * V::W) {
+    for (int i = 0; i < V::W; ++i) {
+      if (join) tmp[2 * i] = x[c + i], tmp[2 * i + 1] = x[c + V::W + i];
+      else tmp[i] = x[c + 2 * i], tmp[V::W + i] = x[c + 2 * i + 1];
+    }
+    std::copy_n(tmp, 2 * V::W, x + c);
+  }
+}
+
 // Sᵀ = Kj · Qᵀ · mul for nk keys in dot form: lane i of each vector is key i / R against query row i % R.
 // Per Dot::kCols columns, the R query chunks are loaded once and each of the W/R key chunks once: W
 // accumulators take R·(W/R) products with no chain between them, and the W lane sums of the vector come
@@ -110,7 +145,8 @@ void pv_pass(int64_t nk, const float* p_t, int64_t R, const TV* v, int64_t v_str
     gemm_block<V, Rows, 4>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
     n += 4 * V::W;
   }
-  for (; n < Dp; n += V::W) gemm_block<V, Rows, 1>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
+  if constexpr (!std::is_same_v<TV, Bf16Split>)  // split rows come in multiples of 4 vectors
+    for (; n < Dp; n += V::W) gemm_block<V, Rows, 1>(nk, p_t, 1, R, v + n, v_stride, acc + n, Dp, true, &ahead);
 }
 
 template <class V>

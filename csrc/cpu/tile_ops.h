@@ -24,6 +24,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // 16-bit storage types; arithmetic always happens in fp32.
 struct Bf16 { uint16_t bits; };
 struct Half { uint16_t bits; };
+// bf16 rows read in split order (gemm_block's B): each 2W elements widen as pairs (V::load_bf16_pairs) into
+// the W even columns, then the W odd ones, so the product's columns come out in that order too.
+struct Bf16Split { uint16_t bits; };
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -169,7 +172,7 @@ inline void request_pages(const void* first, int64_t bytes) {
 }
 
 // Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
-// broadcast from memory and B rows loaded as vectors (16-bit B widened in registers). The accumulators
+// broadcast from memory and B rows loaded as vectors (16-bit B widened in registers, Bf16Split by pairs). The accumulators
 // stay in registers for all K; every loop over R or NV is unrolled so that the compiler keeps acc in
 // registers from the first load to the last store (a rolled loop sends it through the stack).
 // ahead->next(k) runs at each step k (a caller's paced prefetch); NoAhead compiles to nothing. With col_max,
@@ -190,8 +193,15 @@ inline void gemm_block(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, co
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (!std::is_same_v<Ahead, NoAhead>) ahead->next(k);
     typename V::T bk[NV];
+    if constexpr (std::is_same_v<TB, Bf16Split>) {
+      static_assert(NV % 2 == 0, "split bf16 rows are read two vectors at a time");
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) bk[v] = load_float<V>(b + k * ldb + v * V::W);
+      for (int v = 0; v < NV; v += 2)
+        V::load_bf16_pairs(reinterpret_cast<const uint16_t*>(b + k * ldb + v * V::W), bk[v], bk[v + 1]);
+    } else {
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) bk[v] = load_float<V>(b + k * ldb + v * V::W);
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const typename V::T ar = V::set1(a[r * a_rs + k * a_cs]);

@@ -75,6 +75,13 @@ struct VecAvx2 {
     const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
   }
+  // 2W bf16 as their W even and W odd elements, each pair's 32 bits widened by one shift and one mask
+  // (the decode's split order; used by VecYmm, decode_impl.h kSplitBf16).
+  static void load_bf16_pairs(const uint16_t* p, T& even, T& odd) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   static T load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
