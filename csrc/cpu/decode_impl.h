@@ -451,8 +451,8 @@ void decode_typed(const FwdParams& p) {
   L.dot_form = L.rows <= std::min(4, V::W / 2);
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
   choose_pair_forms<V, T>(L);
-  // bf16 without vdpbf16ps: each K and V vector widened from pairs (one instruction per W elements where
-  // the plain widening takes two), for head dims that split rows into whole runs of 4 vectors.
+  // bf16 without vdpbf16ps: K and V widened from pairs (a shift or a mask per W elements, where the plain
+  // widening takes a zero-extension and a shift), for head dims that rows split into runs of 4 vectors.
   L.split_v = kSplitBf16<V, T> && !L.pairs && !L.lane_pairs && p.head_dim % (4 * V::W) == 0;
   L.split_k = L.split_v && L.dot_form;
   L.packs_v = p.head_dim != L.t.d_pad;
