@@ -123,15 +123,18 @@ constexpr bool kPairProducts = false;
 template <class V, class T>
 constexpr bool kSplitBf16 = std::is_same_v<T, Bf16> && V::kRegisters == 32 && !kPairProducts;
 
-// Which bf16 pair products the heads take: in the dot form (pairs) or with the rows as lanes (lane_pairs).
+// Which pair forms bf16 heads take: vdpbf16ps products in the dot form (pairs) or with the rows as lanes
+// (lane_pairs); without it, K and V widened by pairs (split_v, and split_k in the dot form) for head dims
+// that rows split into runs of 4 vectors (a shift or a mask per W elements, where the plain widening takes
+// a zero-extension and a shift).
 template <class V, class T>
 void choose_pair_forms(DecodeLayout& L) {
-  L.pairs = L.lane_pairs = false;
-#if defined(__AVX512BF16__)
   const int64_t D = L.p->head_dim;
-  L.pairs = std::is_same_v<T, Bf16> && L.dot_form && D % 32 == 0;
-  L.lane_pairs = std::is_same_v<T, Bf16> && !L.dot_form && L.R == V::W && D % 2 == 0;
-#endif
+  const bool bf16 = std::is_same_v<T, Bf16>;
+  L.pairs = kPairProducts && bf16 && L.dot_form && D % 32 == 0;
+  L.lane_pairs = kPairProducts && bf16 && !L.dot_form && L.R == V::W && D % 2 == 0;
+  L.split_v = kSplitBf16<V, T> && D % (4 * V::W) == 0;
+  L.split_k = L.split_v && L.dot_form;
 }
 
 // Q · scale · log2 e of KV head hk's rows in the form the scores use (or Q as it is, for bf16 pairs),
@@ -451,10 +454,6 @@ void decode_typed(const FwdParams& p) {
   L.dot_form = L.rows <= std::min(4, V::W / 2);
   L.R = L.dot_form ? (L.rows <= 1 ? 1 : L.rows <= 2 ? 2 : 4) : round_up(L.rows, V::W);
   choose_pair_forms<V, T>(L);
-  // bf16 without vdpbf16ps: K and V widened from pairs (a shift or a mask per W elements, where the plain
-  // widening takes a zero-extension and a shift), for head dims that rows split into runs of 4 vectors.
-  L.split_v = kSplitBf16<V, T> && !L.pairs && !L.lane_pairs && p.head_dim % (4 * V::W) == 0;
-  L.split_k = L.split_v && L.dot_form;
   L.packs_v = p.head_dim != L.t.d_pad;
   L.packs_k = L.packs_v || (!L.dot_form && !L.lane_pairs && !std::is_same_v<T, float>);
   // Key-major K/V: all heads of a key lie closer together than one head's consecutive keys.
