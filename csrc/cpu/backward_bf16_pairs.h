@@ -112,7 +112,7 @@ struct PairBackward {
     transposed_row_pairs(w.dp.data(), rows32, nk_pad, w.interleaved.data(), w.ds_t.data());
     pair_gemm(nk, Dp, pair_count(rows), w.p_t.data(), rows32 / 2, w.do_dm.data(), Dp, w.dv.data(), Dp, 1.0f, true);
     pair_gemm(nk, Dp, pair_count(rows), w.ds_t.data(), rows32 / 2, w.q_dm.data(), Dp, w.dk.data(), Dp, 1.0f, true);
-    pair_gemm(rows, Dp, pair_count(nk), w.ds_rp.data(), nk_pad / 2, w.k_dm.data(), Dp, dq_acc, Dp, 1.0f, true);
+    pair_gemm(rows, Dp, pair_count(nk), w.ds_rp.data(), nk_pad / 2, w.k_dm.data(), Dp, dq_acc, L.dq_ld(), 1.0f, true);
   }
 
   // dKj = dSᵀ · Q (scale is in dS) and dVj as accumulated.

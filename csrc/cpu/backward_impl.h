@@ -2,8 +2,9 @@
 // 1. Delta_i = rowsum(dO_i ∘ O_i).
 // 2. One task per (batch, kv head, split) owns key tiles Kj, Vj: it recomputes P from the saved lse
 //    for every query tile (and every query head of the GQA group) that sees them, accumulates dKj, dVj
-//    in fp32 locally and adds its share of dQ into the split's private fp32 accumulator.
-// 3. dQ = Σ over splits, converted to the output dtype.
+//    in fp32 locally and adds its share of dQ into the split's private fp32 accumulator (or, for fp32
+//    with one split, into dq itself: backward_dq_in_place).
+// 3. dQ = Σ over splits, converted to the output dtype (nothing left to do in place).
 // Every sum runs in a fixed order, so the result is bitwise repeatable for a given thread count.
 #pragma once
 
@@ -28,7 +29,14 @@ struct BwdLayout {
   Tiling t;
   int64_t n_split;
   float* delta;   // (B, Hq, Sq)
-  float* dq_acc;  // (n_split, B, Hq, Sq, d_pad)
+  float* dq_acc;  // the workspace's (n_split, B, Hq, Sq, d_pad), or dq itself when in_place
+  bool in_place;
+  // Rows of the dQ accumulator lie dq_ld floats apart; dq_head gives row 0 of (split, b, h).
+  int64_t dq_ld() const { return in_place ? p->dq_stride.s : t.d_pad; }
+  float* dq_head(int64_t split, int64_t b, int64_t h) const {
+    if (in_place) return dq_acc + b * p->dq_stride.b + h * p->dq_stride.h;
+    return dq_acc + ((split * p->fwd.batch + b) * p->fwd.heads_q + h) * p->fwd.seq_q * t.d_pad;
+  }
 };
 
 // The fp32 FMA kernels of the backward over V, for storage type T: the operations on one key tile that
@@ -77,7 +85,7 @@ struct FmaBackward {
   }
 
   // The contribution of key tile [j0, j0 + nk) and query rows [i0, i1) of head h to dKj, dVj (w.dk, w.dv)
-  // and to dQ_i.
+  // and to dQ_i (rows L.dq_ld() apart).
   static void block(const BwdLayout& L, Scratch& w, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t j0,
                     int64_t nk, float* dq_acc) {
     const FwdParams& p = L.p->fwd;
@@ -106,7 +114,7 @@ struct FmaBackward {
         V::store(ds + c, V::mul(V::load(pr + c), V::sub(V::load(ds + c), delta)));
     }
     // dQ_i += dS · Kj · scale (k_p holds K · scale);  dKj += dSᵀ · Qi (q_s holds Q · scale · log2 e)
-    gemm<V>(rows, Dp, nk, w.dp.data(), nk_pad, 1, w.k_p.data(), Dp, dq_acc, Dp, true);
+    gemm<V>(rows, Dp, nk, w.dp.data(), nk_pad, 1, w.k_p.data(), Dp, dq_acc, L.dq_ld(), true);
     gemm<V>(nk, Dp, rows, w.dp.data(), 1, nk_pad, w.q_s.data(), Dp, w.dk.data(), Dp, true);
   }
 
@@ -125,7 +133,7 @@ void backward_kv_tile(const BwdLayout& L, typename K::Scratch& w, int64_t b, int
   using T = typename K::T;
   const BwdParams& bp = *L.p;
   const FwdParams& p = bp.fwd;
-  const int64_t Dp = L.t.d_pad, nk = std::min(L.t.block_k, p.seq_k - j0), group = p.heads_q / p.heads_kv;
+  const int64_t nk = std::min(L.t.block_k, p.seq_k - j0), group = p.heads_q / p.heads_kv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h + j0 * p.k_stride.s;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + j0 * p.v_stride.s;
   K::load_keys(L, w, k, v, nk);
@@ -133,10 +141,10 @@ void backward_kv_tile(const BwdLayout& L, typename K::Scratch& w, int64_t b, int
   // Query rows that see any key of the tile; both bounds are non-decreasing in the key index.
   const int64_t rb = row_begin(p.mask, j0, p.seq_q), re = row_end(p.mask, j0 + nk - 1, p.seq_q);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    float* dq_head = L.dq_acc + ((split * p.batch + b) * p.heads_q + h) * p.seq_q * Dp;
+    float* dq_head = L.dq_head(split, b, h);
     for (int64_t i0 = rb; i0 < re; i0 += L.t.block_q) {
       const int64_t i1 = std::min(re, i0 + L.t.block_q);
-      K::block(L, w, b, h, i0, i1, j0, nk, dq_head + i0 * Dp);
+      K::block(L, w, b, h, i0, i1, j0, nk, dq_head + i0 * L.dq_ld());
     }
   }
 
@@ -151,7 +159,8 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   using T = typename K::T;
   const FwdParams& p = bp.fwd;
   const int64_t n_rows = p.batch * p.heads_q * p.seq_q;
-  BwdLayout L{&bp, t, n_split, bp.workspace, bp.workspace + n_rows};
+  const bool in_place = backward_dq_in_place(p, n_split);
+  BwdLayout L{&bp, t, n_split, bp.workspace, in_place ? static_cast<float*>(bp.dq) : bp.workspace + n_rows, in_place};
 
   // 1. Delta_i = Σ_d dO_id · O_id - dlse_i (lse's own gradient enters as dS_ij += P_ij · dlse_i), 0 for
   //    rows with no visible key, and zeroed dQ accumulators.
@@ -159,7 +168,6 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
     const BwdLayout& L = *static_cast<const BwdLayout*>(c);
     const BwdParams& bp = *L.p;
     const FwdParams& p = bp.fwd;
-    const int64_t n_rows = p.batch * p.heads_q * p.seq_q;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % p.seq_q, bh = row / p.seq_q, b = bh / p.heads_q, h = bh % p.heads_q;
       const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h + i * p.out_stride.s;
@@ -168,7 +176,7 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
       for (int64_t c = 0; c < p.head_dim; ++c) sum += Convert<V>::to_float(o[c]) * Convert<V>::to_float(d[c]);
       // A row that sees no key has P = 0: its Delta must not carry a NaN/inf dlse into dS = P (dP - Delta).
       L.delta[row] = p.lse[row] == -INFINITY ? 0.0f : bp.dlse ? sum - bp.dlse[row] : sum;
-      for (int64_t s = 0; s < L.n_split; ++s) std::fill_n(L.dq_acc + (s * n_rows + row) * L.t.d_pad, L.t.d_pad, 0.0f);
+      for (int64_t s = 0; s < L.n_split; ++s) std::fill_n(L.dq_head(s, b, h) + i * L.dq_ld(), L.t.d_pad, 0.0f);
     }
   });
 
@@ -185,6 +193,7 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   });
 
   // 3. dQ = Σ_split dQ_split
+  if (L.in_place) return;
   p.parallel_for(n_rows, &L, [](void* c, int64_t begin, int64_t end) {
     const BwdLayout& L = *static_cast<const BwdLayout*>(c);
     const BwdParams& bp = *L.p;

@@ -106,12 +106,21 @@ inline int64_t decode_splits(const FwdParams& p, int64_t block_k, int64_t units)
   return std::min<int64_t>(n_tiles, (2 * p.num_threads + units - 1) / units);
 }
 
-// Floats of fp32 workspace the backward needs: Delta (B, Hq, Sq) and n_split dQ accumulators (B, Hq, Sq, d_pad).
+// Whether the backward adds dQ up in dq itself: fp32 rows that need no padding, one split. Otherwise each
+// split has its own fp32 accumulator in the workspace, summed (and converted) into dq at the end; in place
+// saves that pass and the workspace (a quarter of the gradients' memory).
+inline bool backward_dq_in_place(const FwdParams& p, int64_t n_split) {
+  return p.dtype == DType::kFloat32 && p.head_dim % 16 == 0 && n_split == 1;
+}
+
+// Floats of fp32 workspace the backward needs: Delta (B, Hq, Sq) and, unless dQ is added up in place,
+// n_split dQ accumulators (B, Hq, Sq, d_pad). The backward's own tiles give at most these splits (its key
+// tiles are at least as long), so one split here means one there.
 inline int64_t backward_workspace_floats(const FwdParams& p) {
   const Tiling t = choose_tiling(p.seq_q, p.head_dim);
   const int64_t n_split = backward_splits(p.batch, p.heads_kv, p.seq_k, t.block_k, p.num_threads);
   const int64_t rows = p.batch * p.heads_q * p.seq_q;
-  return rows + n_split * rows * t.d_pad;
+  return rows + (backward_dq_in_place(p, n_split) ? 0 : n_split * rows * t.d_pad);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // Plain C++ (no torch): run by CTest.
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -165,6 +166,8 @@ void run_case(reference::Shape sh, MaskKind kind, int64_t left, int64_t right, c
   check_bf16_forward(sh, p, q, k, v, scale, name);
   check_bf16_backward(sh, p, q, k, v, dout, scale, name);
 
+  // The gradients start as NaN: every element must be written (dQ may be added up in dq itself).
+  for (auto* g : {&dq, &dk, &dv}) std::fill(g->begin(), g->end(), NAN);
   expect(run_backward(p, dout.data(), dq.data(), dk.data(), dv.data()) == Status::kOk, name + ": backward status");
   reference::backward(sh, q.data(), k.data(), v.data(), dout.data(), scale, mask, ref_dq, ref_dk, ref_dv);
   const double eq = max_abs_diff(dq, ref_dq), ek = max_abs_diff(dk, ref_dk), ev = max_abs_diff(dv, ref_dv);
@@ -213,11 +216,31 @@ void test_forward_tiling() {
   }
 }
 
+// The backward's workspace: Delta, plus the split dQ accumulators unless fp32 dQ is added up in dq itself
+// (one split, head dim a multiple of 16).
+void test_backward_workspace() {
+  struct Case { int64_t heads, seq, head_dim; DType dtype; int threads; bool in_place; };
+  const Case cases[] = {{4, 2048, 64, DType::kFloat32, 1, true},     {4, 2048, 128, DType::kFloat32, 2, true},
+                        {4, 2048, 40, DType::kFloat32, 1, false},    {4, 2048, 64, DType::kBFloat16, 1, false},
+                        {1, 2048, 64, DType::kFloat32, 2, false},    {1, 64, 64, DType::kFloat32, 2, true}};
+  for (const Case& c : cases) {
+    FwdParams p;
+    p.batch = 1; p.heads_q = p.heads_kv = c.heads; p.seq_q = p.seq_k = c.seq; p.head_dim = c.head_dim;
+    p.dtype = c.dtype; p.num_threads = c.threads;
+    const int64_t rows = p.batch * p.heads_q * p.seq_q, floats = cpu::backward_workspace_size(p);
+    const std::string name = "backward workspace H" + std::to_string(c.heads) + " S" + std::to_string(c.seq) +
+                             " D" + std::to_string(c.head_dim) + " threads " + std::to_string(c.threads);
+    if (c.in_place) expect(floats == rows, name + ": Delta alone, dQ in dq");
+    else expect(floats >= rows * (1 + (c.head_dim + 15) / 16 * 16), name + ": Delta and dQ accumulators");
+  }
+}
+
 }  // namespace
 
 int main() {
   test_mask_rules();
   test_forward_tiling();
+  test_backward_workspace();
   const reference::Shape shapes[] = {
       {1, 1, 1, 1, 1, 1},     {1, 2, 1, 17, 17, 3},    {2, 4, 2, 113, 67, 40}, {1, 3, 3, 65, 130, 64},
       {1, 8, 1, 70, 203, 16}, {1, 2, 2, 129, 64, 130}, {1, 1, 1, 5, 0, 8},     {1, 2, 1, 1, 300, 72},  {1, 2, 1, 530, 300, 24}, {1, 1, 1, 300, 530, 144},
