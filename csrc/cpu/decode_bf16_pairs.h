@@ -1,6 +1,6 @@
 // The bf16 decode on AVX512_BF16 dot products (vdpbf16ps: a[2i]·b[2i] + a[2i+1]·b[2i+1] into fp32 lane i):
 // the scores of the dot form and of the rows-as-lanes form, and P · Vj on pairs of keys for both. Included
-// by decode_impl.h in the avx512bf16 translation unit only.
+// by decode_tile.h in the avx512bf16 translation unit only.
 #pragma once
 
 #include <array>

@@ -76,7 +76,7 @@ struct VecAvx2 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
   }
   // 2W bf16 as their W even and W odd elements, each pair's 32 bits widened by one shift and one mask
-  // (the decode's split order; used by VecYmm, decode_impl.h kSplitBf16).
+  // (the decode's split order; used by VecYmm, decode_tile.h kSplitBf16).
   static void load_bf16_pairs(const uint16_t* p, T& even, T& odd) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
