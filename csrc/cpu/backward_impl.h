@@ -163,7 +163,7 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   BwdLayout L{&bp, t, n_split, bp.workspace, in_place ? static_cast<float*>(bp.dq) : bp.workspace + n_rows, in_place};
 
   // 1. Delta_i = Σ_d dO_id · O_id - dlse_i (lse's own gradient enters as dS_ij += P_ij · dlse_i), 0 for
-  //    rows with no visible key, and zeroed dQ accumulators.
+  //    rows with no visible key; the dQ accumulators (or dq itself, in place) zeroed.
   p.parallel_for(n_rows, &L, [](void* c, int64_t begin, int64_t end) {
     const BwdLayout& L = *static_cast<const BwdLayout*>(c);
     const BwdParams& bp = *L.p;

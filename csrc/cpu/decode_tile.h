@@ -18,7 +18,6 @@ namespace {
 
 constexpr int64_t kScoreKeys = 16;      // keys per step of the scores (a multiple of every W / R)
 
-
 struct DecodeLayout {
   const FwdParams* p;
   Tiling t;

@@ -108,7 +108,7 @@ inline int64_t decode_splits(const FwdParams& p, int64_t block_k, int64_t units)
 
 // Whether the backward adds dQ up in dq itself: fp32 rows that need no padding, one split. Otherwise each
 // split has its own fp32 accumulator in the workspace, summed (and converted) into dq at the end; in place
-// saves that pass and the workspace (a quarter of the gradients' memory).
+// saves that pass and the workspace (as much memory as dq).
 inline bool backward_dq_in_place(const FwdParams& p, int64_t n_split) {
   return p.dtype == DType::kFloat32 && p.head_dim % 16 == 0 && n_split == 1;
 }

@@ -1,8 +1,8 @@
 // CPU kernels against the double reference, for every compiled unit this CPU can run.
 // Plain C++ (no torch): run by CTest.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -216,22 +216,23 @@ void test_forward_tiling() {
   }
 }
 
-// The backward's workspace: Delta, plus the split dQ accumulators unless fp32 dQ is added up in dq itself
-// (one split, head dim a multiple of 16).
+// The backward's workspace: Delta, plus n_acc split dQ accumulators of d_pad floats per row, none where fp32
+// dQ is added up in dq itself (one split, head dim a multiple of 16).
 void test_backward_workspace() {
-  struct Case { int64_t heads, seq, head_dim; DType dtype; int threads; bool in_place; };
-  const Case cases[] = {{4, 2048, 64, DType::kFloat32, 1, true},     {4, 2048, 128, DType::kFloat32, 2, true},
-                        {4, 2048, 40, DType::kFloat32, 1, false},    {4, 2048, 64, DType::kBFloat16, 1, false},
-                        {1, 2048, 64, DType::kFloat32, 2, false},    {1, 64, 64, DType::kFloat32, 2, true}};
+  struct Case { int64_t heads, seq, head_dim; DType dtype; int threads; int64_t n_acc; };
+  const Case cases[] = {{4, 2048, 64, DType::kFloat32, 1, 0},  {4, 2048, 128, DType::kFloat32, 2, 0},
+                        {4, 2048, 40, DType::kFloat32, 1, 1},  {4, 2048, 64, DType::kBFloat16, 1, 1},
+                        {1, 2048, 64, DType::kFloat32, 2, 4},  {1, 64, 64, DType::kFloat32, 2, 0}};
   for (const Case& c : cases) {
     FwdParams p;
     p.batch = 1; p.heads_q = p.heads_kv = c.heads; p.seq_q = p.seq_k = c.seq; p.head_dim = c.head_dim;
     p.dtype = c.dtype; p.num_threads = c.threads;
-    const int64_t rows = p.batch * p.heads_q * p.seq_q, floats = cpu::backward_workspace_size(p);
-    const std::string name = "backward workspace H" + std::to_string(c.heads) + " S" + std::to_string(c.seq) +
-                             " D" + std::to_string(c.head_dim) + " threads " + std::to_string(c.threads);
-    if (c.in_place) expect(floats == rows, name + ": Delta alone, dQ in dq");
-    else expect(floats >= rows * (1 + (c.head_dim + 15) / 16 * 16), name + ": Delta and dQ accumulators");
+    const int64_t rows = p.batch * p.heads_q * p.seq_q, d_pad = (c.head_dim + 15) / 16 * 16;
+    const std::string name = std::string("backward workspace ") + (c.dtype == DType::kFloat32 ? "fp32" : "bf16") +
+                             " H" + std::to_string(c.heads) + " S" + std::to_string(c.seq) + " D" +
+                             std::to_string(c.head_dim) + " threads " + std::to_string(c.threads);
+    expect(cpu::backward_workspace_size(p) == rows * (1 + c.n_acc * d_pad),
+           name + ": Delta and " + std::to_string(c.n_acc) + " dQ accumulators");
   }
 }
 
@@ -246,6 +247,7 @@ int main() {
       {1, 8, 1, 70, 203, 16}, {1, 2, 2, 129, 64, 130}, {1, 1, 1, 5, 0, 8},     {1, 2, 1, 1, 300, 72},  {1, 2, 1, 530, 300, 24}, {1, 1, 1, 300, 530, 144},
       {1, 8, 2, 3, 700, 64},  {2, 4, 4, 4, 150, 40},  {1, 4, 1, 2, 1000, 128}, {3, 2, 1, 1, 33, 16},
       {1, 4, 4, 1, 1000, 128}, {1, 8, 2, 1, 77, 128}, {2, 6, 2, 1, 45, 128},  // decode: 1, 4 and 3 rows per KV head
+      {1, 4, 4, 9, 5, 16},  // fp32 dQ in place, with rows that see no key (bottom-right causal, Sq > Sk)
   };
   const MaskKind kinds[] = {MaskKind::kNone, MaskKind::kCausalTopLeft, MaskKind::kCausalBottomRight,
                             MaskKind::kWindow};

@@ -65,7 +65,7 @@ struct FwdParams {
 struct BwdParams {
   FwdParams fwd;              // q, k, v, out, lse of the forward (out and lse are read, not written)
   const void* dout = nullptr; // (B, Hq, Sq, D)
-  void* dq = nullptr;         // (B, Hq, Sq, D)
+  void* dq = nullptr;         // (B, Hq, Sq, D); like dk and dv, must not overlap any input
   void* dk = nullptr;         // (B, Hkv, Sk, D)
   void* dv = nullptr;         // (B, Hkv, Sk, D)
   const float* dlse = nullptr;  // optional (B, Hq, Sq) contiguous gradient of lse; nullptr means zero
