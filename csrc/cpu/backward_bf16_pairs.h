@@ -20,8 +20,8 @@ namespace {
 // as interleaved row pairs (dK, dV); S then P and dP then dS in fp32; dS as row pairs (dQ); Pᵀ and dSᵀ
 // as pairs of rows (dV, dK), through `interleaved` before their transpose.
 struct PairBwdScratch {
-  std::vector<Pair> k_km, v_km, k_dm, q_rp, do_rp, q_dm, do_dm, ds_rp, p_t, ds_t, interleaved;
-  std::vector<float> dk, dv, s, dp;
+  LineVector<Pair> k_km, v_km, k_dm, q_rp, do_rp, q_dm, do_dm, ds_rp, p_t, ds_t, interleaved;
+  LineVector<float> dk, dv, s, dp;
   PairBwdScratch(const Tiling& t, int64_t d)
       : k_km(pair_count(d) * t.block_k), v_km(pair_count(d) * t.block_k), k_dm(t.block_k / 2 * t.d_pad),
         q_rp(rows_pad(t) * pair_count(d)), do_rp(rows_pad(t) * pair_count(d)), q_dm(rows_pad(t) / 2 * t.d_pad),

@@ -17,7 +17,7 @@ namespace {
 
 template <class V>
 struct BwdScratch {
-  std::vector<float> k_t, k_p, v_t, dk, dv, q_s, do_p, s, dp;
+  LineVector<float> k_t, k_p, v_t, dk, dv, q_s, do_p, s, dp;
   BwdScratch(const Tiling& t, int64_t d)
       : k_t(d * t.block_k), k_p(t.block_k * t.d_pad), v_t(d * t.block_k), dk(t.block_k * t.d_pad),
         dv(t.block_k * t.d_pad), q_s(t.block_q * t.d_pad), do_p(t.block_q * t.d_pad), s(t.block_q * t.block_k),

@@ -50,10 +50,10 @@ struct HeadState {
 template <class V>
 struct DecodeScratch {
   int64_t q_size, lane_size, acc_size;  // per head
-  std::vector<float> q, k_p, v_p, s_t, m, l, alpha, acc;
-  std::vector<uint16_t> q_bits;
-  std::vector<uint32_t> p_pairs;  // P · Vj on bf16 pairs: the rows of P as pairs of keys, and their scratch
-  std::vector<char> k_rows;  // one head's K rows of a tile, copied together (decode_heads_task)
+  LineVector<float> q, k_p, v_p, s_t, m, l, alpha, acc;
+  LineVector<uint16_t> q_bits;
+  LineVector<uint32_t> p_pairs;  // P · Vj on bf16 pairs: the rows of P as pairs of keys, and their scratch
+  LineVector<char> k_rows;  // one head's K rows of a tile, copied together (decode_heads_task)
   DecodeScratch(const DecodeLayout& L, int64_t heads)
       : q_size(L.R * L.t.d_pad), lane_size(std::max<int64_t>(L.R, V::W)), acc_size(L.rows * L.t.d_pad),
         q(heads * q_size), k_p(L.packs_k ? L.t.block_k * L.t.d_pad : 0), v_p(L.packs_v ? L.t.block_k * L.t.d_pad : 0),

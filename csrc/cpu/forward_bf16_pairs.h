@@ -39,8 +39,8 @@ inline Tiling choose_pair_tiling(const FwdParams& p) {
 
 // One worker's scratch: Qi and acc for block_q rows, one key tile of K and V pairs, S (fp32) and P (pairs).
 struct PairScratch {
-  std::vector<Pair> q, k, v, p;
-  std::vector<float> s, acc, m, l;
+  LineVector<Pair> q, k, v, p;
+  LineVector<float> s, acc, m, l;
   PairScratch(const Tiling& t, int64_t d)
       : q(t.block_q * pair_count(d)), k(pair_count(d) * t.block_k), v(t.block_k / 2 * t.d_pad),
         p(t.block_q * t.block_k / 2), s(t.block_q * t.block_k), acc(t.block_q * t.d_pad), m(t.block_q),

@@ -17,7 +17,7 @@ namespace {
 template <class V>
 struct FwdScratch {
   int64_t rows_pad;
-  std::vector<float> q_t, s_t, s_max, k_p, v_p, acc, m, l, alpha;  // s_max: the lane maxima of Sᵀ
+  LineVector<float> q_t, s_t, s_max, k_p, v_p, acc, m, l, alpha;  // s_max: the lane maxima of Sᵀ
   FwdScratch(const Tiling& t, int64_t d)
       : rows_pad(round_up(t.block_q, V::W)), q_t(t.group * d * rows_pad), s_t(t.block_k * rows_pad), s_max(rows_pad),
         k_p(t.block_k * t.d_pad), v_p(t.block_k * t.d_pad), acc(t.group * t.block_q * t.d_pad),

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -29,6 +30,26 @@ struct Half { uint16_t bits; };
 struct Bf16Split { uint16_t bits; };
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Scratch tiles start on a 64-byte line, so that rows a whole number of vectors long are read and written
+// as whole vectors that never straddle two lines (malloc gives 16 bytes: on a Zen 4 core AVX2 lost 9-10%
+// of the fp32 forward to rows 16 bytes off a line).
+template <class T>
+struct LineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kLine{64};
+  LineAllocator() = default;
+  template <class U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kLine)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kLine); }
+  template <class U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+template <class T>
+using LineVector = std::vector<T, LineAllocator<T>>;
 
 template <class V>
 struct Convert {
