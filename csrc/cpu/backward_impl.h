@@ -69,7 +69,7 @@ struct FmaBackward {
   // 64 keys stay best up to S = 2048 (128: -5-9% at S = 512), 128 beyond (+7% at S = 4096).
   static Tiling tiling(const FwdParams& p) {
     Tiling t = choose_tiling(p.seq_q, p.head_dim);
-    if (p.head_dim <= 256) t.block_k = !hides_keys(p.mask) ? 256 : p.seq_q > 2048 ? 128 : 64;
+    t.block_k = fma_backward_block_k(p);
     return t;
   }
 
@@ -211,8 +211,8 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
   });
 }
 
-// The backward with kernels K; its tiles may differ from the workspace query's (choose_tiling) in block_q
-// and block_k only: a larger block_k gives at most as many splits, so their dQ accumulators still fit.
+// The backward with kernels K; its tiles may differ from the workspace query's in block_q and block_k only:
+// a longer block_k gives at most as many splits, so their dQ accumulators still fit (fp32 counts its own).
 template <class K>
 Status backward_run(const BwdParams& bp) {
   const FwdParams& p = bp.fwd;

@@ -113,12 +113,20 @@ inline bool backward_dq_in_place(const FwdParams& p, int64_t n_split) {
   return p.dtype == DType::kFloat32 && p.head_dim % 16 == 0 && n_split == 1;
 }
 
+// Keys per tile of the FMA backward (backward_impl.h, FmaBackward::tiling says why), which every fp32
+// backward runs: 256 without a mask up to D = 256, under one 64 up to Sq = 2048 and 128 beyond.
+inline int64_t fma_backward_block_k(const FwdParams& p) {
+  if (p.head_dim > 256) return choose_tiling(p.seq_q, p.head_dim).block_k;
+  return !hides_keys(p.mask) ? 256 : p.seq_q > 2048 ? 128 : 64;
+}
+
 // Floats of fp32 workspace the backward needs: Delta (B, Hq, Sq) and, unless dQ is added up in place,
-// n_split dQ accumulators (B, Hq, Sq, d_pad). The backward's own tiles give at most these splits (its key
-// tiles are at least as long), so one split here means one there.
+// n_split dQ accumulators (B, Hq, Sq, d_pad). fp32 counts the splits of the FMA backward's own tiles; 16-bit
+// ones those of the shortest tiles its kernels take (choose_tiling's), at least as many as they give.
 inline int64_t backward_workspace_floats(const FwdParams& p) {
   const Tiling t = choose_tiling(p.seq_q, p.head_dim);
-  const int64_t n_split = backward_splits(p.batch, p.heads_kv, p.seq_k, t.block_k, p.num_threads);
+  const int64_t block_k = p.dtype == DType::kFloat32 ? fma_backward_block_k(p) : t.block_k;
+  const int64_t n_split = backward_splits(p.batch, p.heads_kv, p.seq_k, block_k, p.num_threads);
   const int64_t rows = p.batch * p.heads_q * p.seq_q;
   return rows + (backward_dq_in_place(p, n_split) ? 0 : n_split * rows * t.d_pad);
 }

@@ -222,7 +222,8 @@ void test_backward_workspace() {
   struct Case { int64_t heads, seq, head_dim; DType dtype; int threads; int64_t n_acc; };
   const Case cases[] = {{4, 2048, 64, DType::kFloat32, 1, 0},  {4, 2048, 128, DType::kFloat32, 2, 0},
                         {4, 2048, 40, DType::kFloat32, 1, 1},  {4, 2048, 64, DType::kBFloat16, 1, 1},
-                        {1, 2048, 64, DType::kFloat32, 2, 4},  {1, 64, 64, DType::kFloat32, 2, 0}};
+                        {1, 2048, 64, DType::kFloat32, 2, 4},  {1, 64, 64, DType::kFloat32, 2, 0},
+                        {1, 200, 64, DType::kFloat32, 2, 0},   {1, 2048, 64, DType::kBFloat16, 2, 4}};
   for (const Case& c : cases) {
     FwdParams p;
     p.batch = 1; p.heads_q = p.heads_kv = c.heads; p.seq_q = p.seq_k = c.seq; p.head_dim = c.head_dim;
