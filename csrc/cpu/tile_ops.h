@@ -34,9 +34,9 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Scratch tiles start on a 64-byte line, so that rows a whole number of vectors long are read and written
 // as whole vectors that never straddle two lines (malloc gives 16 bytes: on a Zen 4 core the AVX2 fp32
-// forward lost 9-10% to input rows read 16 bytes off a line). One malloc of 64 bytes more per buffer, the line
-// inside it, and malloc's pointer kept just before that line (aligned operator new took 0.6-0.8 µs more
-// per decode call of 32 KV heads, which allocates a few buffers per call).
+// forward lost 9-10% to input rows read 16 bytes off a line). One malloc of 64 bytes more per buffer, the
+// line inside it, and malloc's pointer kept just before that line (aligned operator new took 0.6-0.8 µs
+// more per decode call of 32 KV heads, which allocates a few buffers per call).
 template <class T>
 struct LineAllocator {
   using value_type = T;
@@ -202,9 +202,9 @@ inline void request_pages(const void* first, int64_t bytes) {
 }
 
 // Micro-kernel: an R x (NV·W) block of C (+)= Σ_k A(m, k) · B[k][n], with A(m, k) = a[m·a_rs + k·a_cs]
-// broadcast from memory and B rows loaded as vectors (16-bit B widened in registers, Bf16Split by pairs). The accumulators
-// stay in registers for all K; every loop over R or NV is unrolled so that the compiler keeps acc in
-// registers from the first load to the last store (a rolled loop sends it through the stack).
+// broadcast from memory and B rows loaded as vectors (16-bit B widened in registers, Bf16Split by pairs).
+// The accumulators stay in registers for all K; every loop over R or NV is unrolled so that the compiler
+// keeps acc in registers from the first load to the last store (a rolled loop sends it through the stack).
 // ahead->next(k) runs at each step k (a caller's paced prefetch); NoAhead compiles to nothing. With col_max,
 // col_max[0, NV·W) ← max(col_max, the block's rows of C) as C is stored: the column maxima that the
 // online softmax of Sᵀ needs, taken while the scores are still in registers.
