@@ -88,7 +88,7 @@ struct PairBackward {
     probabilities_from_lse(p, w.s.data(), nk_pad, i0, rows, j0, nk, p.lse + row0, [nk_pad](float* s, float shift) {
       const __m512 m = _mm512_set1_ps(shift);
       for (int64_t c = 0; c < nk_pad; c += 16)
-        _mm512_storeu_ps(s + c, VecF::exp2(_mm512_sub_ps(_mm512_loadu_ps(s + c), m)));
+        _mm512_storeu_ps(s + c, exp2_bf16(_mm512_sub_ps(_mm512_loadu_ps(s + c), m)));
     });
     std::fill(w.s.data() + rows * nk_pad, w.s.data() + rows32 * nk_pad, 0.0f);
 

@@ -21,7 +21,7 @@ inline float exp2_row_pairs(const float* s, int64_t n, float shift, Pair* p) {
   const __m512 sh = _mm512_set1_ps(shift);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < n; c += 16) {
-    const __m512 e = VecF::exp2(_mm512_sub_ps(_mm512_loadu_ps(s + c), sh));
+    const __m512 e = exp2_bf16(_mm512_sub_ps(_mm512_loadu_ps(s + c), sh));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c / 2), round_bf16(e));
     sum = _mm512_add_ps(sum, e);
   }

@@ -70,7 +70,7 @@ template <class V, class ExpRow>
 inline bool softmax_row(const float* s, int64_t n, float& m, float& l, float* acc, int64_t d_pad, ExpRow exp_row) {
   const float m_new = std::max(m, row_max<V>(s, n));
   if (m_new == kNegInf) return false;
-  const float alpha = std::exp2(m - m_new);
+  const float alpha = m == m_new ? 1.0f : std::exp2(m - m_new);  // most tiles leave the maximum as it was
   l = l * alpha + exp_row(m_new);
   m = m_new;
   if (alpha != 1.0f) scale_row<V>(acc, d_pad, alpha);

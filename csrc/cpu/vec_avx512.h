@@ -52,13 +52,15 @@ struct VecAvx512 {
     return _mm512_mask_blend_ps(high, a, b);
   }
 
-  // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by kExp2Series (vec_avx2.h), times 2^n by
-  // vscalefps. x < -126 (masked scores: -inf) gives exactly 0.
-  static T exp2(T x) {
+  // 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by kExp2Series (vec_avx2.h) or another series
+  // (highest power first), times 2^n by vscalefps. x < -126 (masked scores: -inf) gives exactly 0.
+  static T exp2(T x) { return exp2_series(x, kExp2Series); }
+  template <size_t N>
+  static T exp2_series(T x, const float (&series)[N]) {
     const T n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const T f = _mm512_sub_ps(x, n);
-    T p = _mm512_set1_ps(kExp2Series[0]);
-    for (size_t i = 1; i < std::size(kExp2Series); ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Series[i]));
+    T p = _mm512_set1_ps(series[0]);
+    for (size_t i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(series[i]));
     const __mmask16 visible = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
     return _mm512_maskz_scalef_ps(visible, p, n);
   }

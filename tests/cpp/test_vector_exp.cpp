@@ -1,0 +1,66 @@
+// The CPU units' vectorised 2^x against std::exp2 in double: the degree-5 series of the fp32 softmax
+// (VecAvx2::exp2, VecAvx512::exp2) and the pair kernels' degree-3 one (exp2_bf16). Built with the
+// avx512bf16 unit's flags; passes without checking on a CPU that lacks those instructions.
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "expect.h"
+#include "cpu/pair_ops.h"
+
+namespace {
+
+using attnext::test::expect;
+using namespace attnext::cpu;
+
+// exp(x) for every x of xs, 16 (or 8) lanes at a time.
+template <class F>
+std::vector<float> apply(const std::vector<float>& xs, int lanes, F exp) {
+  std::vector<float> out(xs.size());
+  for (size_t i = 0; i + lanes <= xs.size(); i += lanes) exp(xs.data() + i, out.data() + i);
+  return out;
+}
+
+// Relative error at most max_rel on [-125, 8]; with exact_powers (a series whose constant term is 1), 2^n
+// exact for whole n there; exactly 0 at and below -127 and for -inf (masked scores).
+template <class F>
+void check_exp2(const char* name, int lanes, double max_rel, bool exact_powers, F exp) {
+  std::vector<float> xs;
+  for (double x = -125.0; x <= 8.0; x += 1.0 / 4096) xs.push_back(static_cast<float>(x));
+  while (xs.size() % 16) xs.push_back(0.0f);
+  const std::vector<float> ys = apply(xs, lanes, exp);
+  double worst = 0.0;
+  int inexact_powers = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const double ref = std::exp2(static_cast<double>(xs[i]));
+    worst = std::max(worst, std::abs(ys[i] / ref - 1.0));
+    if (exact_powers && xs[i] == std::floor(xs[i]) && ys[i] != static_cast<float>(ref)) ++inexact_powers;
+  }
+  expect(worst <= max_rel, std::string(name) + ": relative error " + std::to_string(worst) + " > " +
+                               std::to_string(max_rel));
+  expect(inexact_powers == 0, std::string(name) + ": " + std::to_string(inexact_powers) + " powers of 2 inexact");
+
+  std::vector<float> low(16, -INFINITY);
+  for (int i = 1; i < 16; ++i) low[i] = -127.0f - 0.5f * static_cast<float>(i - 1);
+  for (float y : apply(low, lanes, exp)) expect(y == 0.0f, std::string(name) + ": 2^x not 0 for x <= -127");
+}
+
+}  // namespace
+
+int main() {
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bf16")) {
+    std::printf("test_vector_exp: this CPU lacks AVX512_BF16, nothing checked\n");
+    return 0;
+  }
+  check_exp2("VecAvx2::exp2", 8, 2.5e-7, true, [](const float* x, float* y) {
+    _mm256_storeu_ps(y, VecAvx2::exp2(_mm256_loadu_ps(x)));
+  });
+  check_exp2("VecAvx512::exp2", 16, 2.5e-7, true, [](const float* x, float* y) {
+    _mm512_storeu_ps(y, VecAvx512::exp2(_mm512_loadu_ps(x)));
+  });
+  check_exp2("exp2_bf16", 16, 8e-5, false, [](const float* x, float* y) {
+    _mm512_storeu_ps(y, exp2_bf16(_mm512_loadu_ps(x)));
+  });
+  return attnext::test::test_result("test_vector_exp");
+}
