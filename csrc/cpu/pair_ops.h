@@ -92,9 +92,10 @@ inline __m256i round_bf16(__m512 x) {
 
 // 2^x for probabilities that are rounded to bf16 (8 significant bits, a relative error up to 2^-8 = 3.9e-3)
 // before any product: 2^f by a degree-3 minimax series (7.5e-5 on |f| <= 1/2), two FMAs fewer per 16 scores
-// than VecF::exp2's degree-5 one (2.1e-7). The forward's row sums l take the same values, so P / l stays
-// normalised; the lse it returns is off by at most 7.5e-5 (1.2e-5 on random rows; 9e-7 with VecF::exp2).
-// The rescale factors alpha keep std::exp2. x < -126 (masked scores: -inf) gives exactly 0.
+// than VecF::exp2's degree-5 one (2.1e-7). l sums the same unrounded values that are rounded into P, so
+// Σ P / l = 1 up to that rounding; the lse is off by at most 7.5e-5 (1.2e-5 on random rows; 9e-7 with
+// VecF::exp2). Never for the rescale factors alpha: its 2^0 is 1 - 7.2e-5, not 1 (kExp2Series' comment).
+// x < -126 (masked scores: -inf) gives exactly 0.
 constexpr float kExp2SeriesBf16[] = {5.5171426386e-2f, 2.4261054397e-1f, 6.9326096773e-1f, 9.9992811680e-1f};
 
 inline __m512 exp2_bf16(__m512 x) { return VecF::exp2_series(x, kExp2SeriesBf16); }

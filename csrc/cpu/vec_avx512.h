@@ -4,7 +4,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <iterator>
 
 #include "cpu/vec_avx2.h"
 
