@@ -3,6 +3,7 @@
 The ops themselves (schemas and CPU/CUDA kernels) live in C++ under torch.ops.attnext:
   fwd(q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic=False) -> (out, lse)
   fwd_inference(the same arguments) -> (out, lse): fwd without autograd, for calls that need no gradient
+      (and, through EagerFwd below, for eager calls that do)
   bwd(dout, q, k, v, out, lse, dlse, scale, mask_kind, window_left, window_right, bshd, deterministic)
       -> (dq, dk, dv)
 """
@@ -78,6 +79,24 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("attnext::fwd", _backward, setup_context=_setup_context)
+
+
+class EagerFwd(torch.autograd.Function):
+    """fwd with its gradient for eager calls: the kernel of fwd_inference, the same saved tensors and the same
+    backward as fwd's registration above, without the Python layers that torch.library puts around it
+    (which also binds the arguments by signature on every call). torch.compile keeps to the op: its graph
+    holds attnext::fwd, whose registration it reads. An lse or out that takes no part in the loss reaches
+    backward as None (no zero tensor is made for it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic):
+        ctx.set_materialize_grads(False)
+        inputs = (q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic)
+        output = torch.ops.attnext.fwd_inference(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
 
 
 CPU_UNITS = ("scalar", "avx2", "avx512", "avx512bf16")

@@ -1,8 +1,9 @@
 """Public attention functions: attnext's own API, a drop-in for torch's SDPA, and a FlashAttention-shaped one.
 
-All three reach the same op, torch.ops.attnext.fwd, with autograd and torch.compile support; a call that
-needs no gradient (grad mode off, or no input requiring grad) takes torch.ops.attnext.fwd_inference, the
-same kernel without the autograd layer.
+All three reach the same kernel, with autograd and torch.compile support: a call that needs no gradient (grad
+mode off, or no input requiring grad) takes torch.ops.attnext.fwd_inference, the kernel without the autograd
+layer; one that does takes torch.ops.attnext.fwd under torch.compile and its autograd.Function twin
+(_ops.EagerFwd, the same backward) in eager mode.
 """
 
 import math
@@ -89,8 +90,10 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
     if scale is None:
         d = q.shape[-1] if q.dim() > 0 else 0
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    grad = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
-    fwd = _FWD if grad else _FWD_INFERENCE
+    if not ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()):
+        fwd = _FWD_INFERENCE
+    else:
+        fwd = _FWD if torch.compiler.is_compiling() else _ops.EagerFwd.apply
     if _nvtx.op_ranges_enabled():
         with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, bshd):
             out, lse = fwd(q, k, v, float(scale), kind, left, right, bshd, deterministic)

@@ -60,8 +60,8 @@ class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("case", ["grad", "no_grad", "inputs_without_grad", "inference_mode"])
 def test_inference_op_when_no_gradient_is_needed(case):
-    """A call that needs no gradient goes to fwd_inference (no autograd layer), with the same result as fwd;
-    one that does goes to fwd and has a grad_fn."""
+    """An eager call runs fwd_inference's kernel, with the same result as fwd; only one that needs a gradient
+    gets a grad_fn, EagerFwd's (fwd's registration is for torch.compile, test_compile_keeps_the_op)."""
     q, k, v = make_qkv(1, 4, 2, 9, 13, 16)
     if case != "inputs_without_grad":
         q.requires_grad_()
@@ -69,10 +69,46 @@ def test_inference_op_when_no_gradient_is_needed(case):
     context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(case, torch.enable_grad)
     with context(), _SeenOps() as mode:
         out = attnext.attention(q, k, v, causal="bottom_right", scale=0.25)
-    expected = torch.ops.attnext.fwd.default if case == "grad" else torch.ops.attnext.fwd_inference.default
-    assert expected in mode.seen
+    assert [op for op in mode.seen if op.namespace == "attnext"] == [torch.ops.attnext.fwd_inference.default]
     assert (out.grad_fn is not None) == (case == "grad")
+    if case == "grad":
+        assert out.grad_fn.name() == "EagerFwdBackward"
     assert torch.equal(out.detach(), want)
+
+
+@pytest.mark.parametrize("loss", ["out", "lse", "both"])
+@pytest.mark.parametrize("sample", ["plain", "gqa_top_left", "bshd_bottom_right", "window"])
+def test_eager_gradients_equal_the_ops(sample, loss):
+    """EagerFwd (eager calls) and fwd's torch.library registration (compiled ones) give the same out, lse and
+    bitwise the same gradients, whichever of out and lse the loss reads (the other's gradient is None in one
+    and a zero tensor in the other)."""
+    make, scale, kind, left, right, bshd = SAMPLES[sample]
+    inputs = make(torch.float32)
+    grads = []
+    for fwd in (torch.ops.attnext.fwd, attnext._ops.EagerFwd.apply):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, lse = fwd(*leaves, scale, kind, left, right, bshd, False)
+        g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        total = {"out": (out * g_out).sum(), "lse": lse.sum(), "both": (out * g_out).sum() + lse.sum()}[loss]
+        grads.append((out.detach(), lse.detach(), *torch.autograd.grad(total, leaves)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_compile_keeps_the_op():
+    """Under torch.compile a call that needs a gradient is traced as attnext::fwd (whose registration the
+    compiler reads), not through EagerFwd."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    compiled = torch.compile(lambda q, k, v: attnext.attention(q, k, v, causal=True), backend=backend, fullgraph=True)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 9, 9, 16))
+    compiled(q, k, v).sum().backward()
+    assert torch.ops.attnext.fwd.default in targets
+    assert q.grad is not None
 
 
 def test_fake_shapes():
