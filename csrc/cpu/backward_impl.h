@@ -213,13 +213,12 @@ void backward_typed(const BwdParams& bp, const Tiling& t, int64_t n_split) {
 
 // The backward with kernels K; its tiles may differ from the workspace query's in block_q and block_k only:
 // a longer block_k gives at most as many splits, so their dQ accumulators still fit (fp32 counts its own).
-// A key tile holds at most the keys there are, rounded up to 16: the scratch, cleared when made, is sized
-// by it (with S = 16 a 256-key tile's took a fifth of the call in memset).
+// key_tile makes it shorter than the query's only where one tile holds all the keys: one split either way.
 template <class K>
 Status backward_run(const BwdParams& bp) {
   const FwdParams& p = bp.fwd;
   Tiling t = K::tiling(p);
-  t.block_k = std::min(t.block_k, round_up(std::max<int64_t>(p.seq_k, 1), 16));
+  t.block_k = key_tile(t.block_k, p.seq_k);
   const int64_t n_split = backward_splits(p.batch, p.heads_kv, p.seq_k, t.block_k, p.num_threads);
   if (bp.workspace_floats < backward_workspace_floats(p)) return Status::kWorkspaceTooSmall;
   backward_typed<K>(bp, t, n_split);

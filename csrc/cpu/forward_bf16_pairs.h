@@ -33,7 +33,7 @@ inline float exp2_row_pairs(const float* s, int64_t n, float shift, Pair* p) {
 inline Tiling choose_pair_tiling(const FwdParams& p) {
   Tiling t = choose_tiling(p.seq_q, p.head_dim);
   t.block_q = std::max<int64_t>(1, std::min<int64_t>(p.head_dim <= 256 ? 256 : 128, p.seq_q));
-  t.block_k = p.head_dim <= 256 && !hides_keys(p.mask) ? 256 : 128;
+  t.block_k = key_tile(p.head_dim <= 256 && !hides_keys(p.mask) ? 256 : 128, p.seq_k);
   return t;
 }
 
