@@ -18,6 +18,14 @@ def test_bench_checks_times_and_saves(tmp_path):
     assert "machine" in json.dumps(rows) and "attnext" in json.dumps(rows)
 
 
+def test_bench_table_keeps_three_digits_of_short_calls():
+    """A call of a few microseconds is not printed as 0.00 or 0.01 ms: the table's ratio must be checkable."""
+    from attnext.bench.report import ms_text
+
+    assert [ms_text(ms) for ms in (0.00941, 0.0941, 0.448, 1.0, 13.046)] == ["0.00941", "0.0941", "0.448", "1.00",
+                                                                             "13.05"]
+
+
 def test_bench_rejects_a_bad_mode():
     proc = run("attnext.bench", "--modes", "sideways")
     assert proc.returncode != 0 and "mode" in proc.stderr

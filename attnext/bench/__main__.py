@@ -175,8 +175,8 @@ def run_timing(cfgs, args, device, deadline=None):
                 results += [timing.result_row(cfg, device, threads, peer, a, t) for peer, t in timings.items()]
                 skipped += [dict(config=cfg.label(), threads=threads, peer=p, reason=r) for p, r in missing.items()]
                 ratios = ", ".join(f"{p} {t['median_ms'] / a['median_ms']:.2f}x" for p, t in timings.items())
-                progress.step(f"{cfg.label()}, {report.threads_text(threads)}: attnext {a['median_ms']:.2f} ms; "
-                              f"ratio {ratios}", f"{cfg.label()}: {ratios}")
+                progress.step(f"{cfg.label()}, {report.threads_text(threads)}: attnext "
+                              f"{report.ms_text(a['median_ms'])} ms; ratio {ratios}", f"{cfg.label()}: {ratios}")
     finally:
         progress.close()
     return results, skipped

@@ -51,13 +51,18 @@ def _numeric(rows, i):
         return False
 
 
+def ms_text(ms):
+    """Milliseconds with two decimals, or three significant digits below 1 ms (a 16-key call takes 0.0X ms)."""
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
 def timing_table(results, device_type):
     unit, _ = rate_unit(device_type)
     columns = ["device", "dtype", "B", "H", "S", "D", "causal", "mode", "threads", "peer", "attnext ms", "peer ms",
                f"attnext {unit}", f"peer {unit}", "ratio"]
     rows = [[r["device"], r["dtype"], r["batch"], r["heads"], r["seqlen"], r["head_dim"],
-             "yes" if r["causal"] else "no", r["mode"], r["threads"], r["peer"], f"{r['attnext_ms']:.2f}",
-             f"{r['peer_ms']:.2f}", f"{r['attnext_rate']:.1f}", f"{r['peer_rate']:.1f}", f"{r['ratio']:.2f}"]
+             "yes" if r["causal"] else "no", r["mode"], r["threads"], r["peer"], ms_text(r["attnext_ms"]),
+             ms_text(r["peer_ms"]), f"{r['attnext_rate']:.1f}", f"{r['peer_rate']:.1f}", f"{r['ratio']:.2f}"]
             for r in results]
     return table(columns, rows)
 
