@@ -2,8 +2,8 @@
 
 All three reach the same kernel, with autograd and torch.compile support: a call that needs no gradient (grad
 mode off, or no input requiring grad) takes torch.ops.attnext.fwd_inference, the kernel without the autograd
-layer; one that does takes torch.ops.attnext.fwd under torch.compile and its autograd.Function twin
-(_ops.EagerFwd, the same backward) in eager mode.
+layer; one that does takes torch.ops.attnext.fwd under torch.compile (and torch.jit.trace) and its
+autograd.Function twin (_ops.EagerFwd, the same backward) in eager mode.
 """
 
 import math
@@ -93,7 +93,7 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
     if not ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()):
         fwd = _FWD_INFERENCE
     else:
-        fwd = _FWD if torch.compiler.is_compiling() else _ops.EagerFwd.apply
+        fwd = _FWD if torch.compiler.is_compiling() or torch.jit.is_tracing() else _ops.EagerFwd.apply
     if _nvtx.op_ranges_enabled():
         with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, bshd):
             out, lse = fwd(q, k, v, float(scale), kind, left, right, bshd, deterministic)

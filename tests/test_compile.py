@@ -95,6 +95,14 @@ def test_eager_gradients_equal_the_ops(sample, loss):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_keeps_the_op():
+    """torch.jit.trace of a call that needs a gradient records attnext::fwd (a graph it can save), not EagerFwd."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 9, 9, 16))
+    traced = torch.jit.trace(lambda q, k, v: attnext.attention(q, k, v), (q, k, v), check_trace=False)
+    assert "attnext::fwd" in str(traced.graph) and "PythonOp" not in str(traced.graph)
+
+
 def test_compile_keeps_the_op():
     """Under torch.compile a call that needs a gradient is traced as attnext::fwd (whose registration the
     compiler reads), not through EagerFwd."""
