@@ -10,7 +10,7 @@ import statistics
 
 import torch
 
-from attnext.bench import configs, machine, targets, target_report, timing
+from attnext.bench import configs, machine, report, targets, target_report, timing
 from attnext.bench.console import Progress
 
 SLOW_PEER_MS = 3000.0  # a config whose first torch call takes longer is timed SLOW_REPS times
@@ -100,8 +100,8 @@ def _step_text(row):
     if row["target"] == "threads":
         return (f"1 thread {row['ms_1']:.2f} ms, 2 threads {row['ms_2']:.2f} ms: {row['speedup']:.2f}x "
                 f"({row['cores_worth']:.2f} cores' worth): {row['result']}")
-    return (f"{row['threads']} thread(s): attnext {row['attnext_ms']:.2f} ms, sdpa {row['peer_ms']:.2f} ms, "
-            f"ratio {row['ratio']:.2f}: {row['result']}")
+    return (f"{row['threads']} thread(s): attnext {report.ms_text(row['attnext_ms'])} ms, sdpa "
+            f"{report.ms_text(row['peer_ms'])} ms, ratio {row['ratio']:.2f}: {row['result']}")
 
 
 def run(the_plan, args, device, ceil, record):

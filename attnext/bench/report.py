@@ -53,7 +53,7 @@ def _numeric(rows, i):
 
 def ms_text(ms):
     """Milliseconds with two decimals, or three significant digits below 1 ms (a 16-key call takes 0.0X ms)."""
-    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:#.3g}"
 
 
 def timing_table(results, device_type):

@@ -29,8 +29,8 @@ def _attention_table(target, rows):
     body = []
     for r in rows:
         cells = [r["dtype"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], _yes_no(r["causal"]), r["mode"],
-                 r["threads"], r["reps"], f"{r['attnext_ms']:.2f}", f"{r['peer_ms']:.2f}", f"{r['attnext_rate']:.1f}",
-                 f"{r['peer_rate']:.1f}", f"{r['ratio']:.2f}"]
+                 r["threads"], r["reps"], report.ms_text(r["attnext_ms"]), report.ms_text(r["peer_ms"]),
+                 f"{r['attnext_rate']:.1f}", f"{r['peer_rate']:.1f}", f"{r['ratio']:.2f}"]
         if peak:
             cells.append(f"{100 * r['peak_fraction']:.1f}")
         body.append(cells + [_others(r), _result(r)])
