@@ -95,7 +95,7 @@ def test_eager_gradients_equal_the_ops(sample, loss):
         assert torch.equal(a, b)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated", "ignore::torch.jit.TracerWarning")
 def test_jit_trace_keeps_the_op():
     """torch.jit.trace of a call that needs a gradient records attnext::fwd (a graph it can save), not EagerFwd."""
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 9, 9, 16))
