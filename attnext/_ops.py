@@ -75,7 +75,23 @@ def _backward(ctx, grad_out, grad_lse):
     with _nvtx.op_range("attnext.bwd", q, k, mask_kind, window_left, window_right, bshd):
         dq, dk, dv = torch.ops.attnext.bwd(grad_out, q, k, v, out, lse, dlse, scale, mask_kind, window_left,
                                            window_right, bshd, deterministic)
+    if torch.is_grad_enabled():  # backward(create_graph=True): dq, dk and dv must not be differentiated again
+        dq, dk, dv = _NotDifferentiable.apply(dq, dk, dv)
     return dq, dk, dv, None, None, None, None, None, None
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """The gradients of a backward run with create_graph=True, as they are; differentiating them raises. The
+    backward kernel has no gradient of its own: without this mark, torch would warn and take its gradient as 0."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("attnext.attention: double backward (differentiating the gradients of q, k or v again, "
+                           "as a gradient penalty does) is not supported (supported: first-order gradients)")
 
 
 torch.library.register_autograd("attnext::fwd", _backward, setup_context=_setup_context)

@@ -156,6 +156,30 @@ def test_bwd_op_rejects(case):
         torch.ops.attnext.bwd(*_bwd_args(**change))
 
 
+DOUBLE_BACKWARD = r"attnext\.attention: double backward .* is not supported \(supported: first-order gradients\)"
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_double_backward_raises(path):
+    """create_graph=True gives the same first-order gradients; differentiating them again raises (without the
+    mark, torch warned and took the backward kernel's gradient as 0)."""
+    torch.manual_seed(0)
+    q, k, v = (r(1, 2, 6, 8).requires_grad_() for _ in range(3))
+
+    def loss():
+        if path == "eager":
+            out = attnext.attention(q, k, v)
+        else:
+            out = torch.ops.attnext.fwd(q, k, v, 0.3, _ops.MASK_NONE, -1, -1, False, False)[0]
+        return out.square().sum()
+
+    grads = torch.autograd.grad(loss(), (q, k, v), create_graph=True)
+    assert all(torch.equal(g, h) for g, h in zip(grads, torch.autograd.grad(loss(), (q, k, v))))
+    for g in grads:
+        with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
+            torch.autograd.grad(g.sum(), (q, k, v))
+
+
 def test_sdpa_gqa_needs_enable_gqa():
     with pytest.raises(RuntimeError, match=r"attnext\.scaled_dot_product_attention: query heads 4 != key/value "
                                            r"heads 2; pass enable_gqa=True for grouped-query attention"):
