@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from attnext import _nvtx
 from attnext import _C  # noqa: F401  (loading it registers torch.ops.attnext.*)
@@ -81,12 +82,19 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 class _NotDifferentiable(torch.autograd.Function):
-    """The gradients of a backward run with create_graph=True, as they are; differentiating them raises. The
-    backward kernel has no gradient of its own: without this mark, torch would warn and take its gradient as 0."""
+    """The gradients of a backward run with create_graph=True (as torch.func.grad runs it), as they are;
+    differentiating them raises. The backward kernel has no gradient of its own: without this mark, torch would
+    warn and take its gradient as 0."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, dq, dk, dv):
+    def forward(dq, dk, dv):
         return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
@@ -113,6 +121,39 @@ class EagerFwd(torch.autograd.Function):
         return output
 
     backward = staticmethod(_backward)
+
+
+class FuncFwd(torch.autograd.Function):
+    """fwd with its gradient under torch.func transforms (grad, vmap, jacrev, ...), which need a Function of
+    this form: forward without ctx, setup_context, and a vmap rule (generated: under vmap the ops run once per
+    batch entry). The same kernel, saved tensors and backward as EagerFwd. Forward-mode AD (torch.func.jvp)
+    raises: the kernels have no tangent formula."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic):
+        return torch.ops.attnext.fwd_inference(q, k, v, scale, mask_kind, window_left, window_right, bshd,
+                                               deterministic)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(FORWARD_AD_ERROR)
+
+
+FORWARD_AD_ERROR = ("attnext.attention: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad dual tensors) "
+                    "is not supported (supported: reverse-mode autograd, torch.func.grad, vmap)")
+
+
+def transform_fwd(q, k, v):
+    """The fwd for a call under torch.func transforms or inside a forward-AD dual level: FuncFwd, or an error
+    when q, k or v carries a tangent (the kernels would drop it)."""
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)):
+        raise NotImplementedError(FORWARD_AD_ERROR)
+    return FuncFwd.apply
 
 
 CPU_UNITS = ("scalar", "avx2", "avx512", "avx512bf16")

@@ -18,6 +18,7 @@ from attnext import _nvtx, _ops
 _CAUSAL = {False: _ops.MASK_NONE, True: _ops.MASK_CAUSAL_TOP_LEFT, "top_left": _ops.MASK_CAUSAL_TOP_LEFT,
            "bottom_right": _ops.MASK_CAUSAL_BOTTOM_RIGHT}
 _FWD, _FWD_INFERENCE = torch.ops.attnext.fwd.default, torch.ops.attnext.fwd_inference.default
+_peek_transforms = torch._C._functorch.peek_interpreter_stack  # None unless a torch.func transform is active
 CUDA_MAX_HEAD_DIM = 256
 CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
 
@@ -90,10 +91,16 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
     if scale is None:
         d = q.shape[-1] if q.dim() > 0 else 0
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    if not ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()):
-        fwd = _FWD_INFERENCE
-    else:
-        fwd = _FWD if torch.compiler.is_compiling() or torch.jit.is_tracing() else _ops.EagerFwd.apply
+    needs_grad = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
+    if _peek_transforms() is None and _ops.forward_ad._current_level < 0:
+        if not needs_grad:
+            fwd = _FWD_INFERENCE
+        else:
+            fwd = _FWD if torch.compiler.is_compiling() or torch.jit.is_tracing() else _ops.EagerFwd.apply
+    elif torch.compiler.is_compiling():  # its tracing runs under a functorch transform
+        fwd = _FWD if needs_grad else _FWD_INFERENCE
+    else:  # torch.func transforms, forward-mode AD
+        fwd = _ops.transform_fwd(q, k, v)
     if _nvtx.op_ranges_enabled():
         with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, bshd):
             out, lse = fwd(q, k, v, float(scale), kind, left, right, bshd, deterministic)
