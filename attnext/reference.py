@@ -58,7 +58,9 @@ def attention_reference(q, k, v, *, causal=False, scale=None, layout="bhsd", win
     l_safe = torch.where(l > 0, l, torch.ones_like(l))  # rows with no visible key: out 0, lse -inf, no NaN
     p = rnd(p / l_safe)
     out = rnd(p @ vw)
-    lse = torch.where(l > 0, m + torch.log(l_safe), torch.full_like(l, float("-inf"))).squeeze(-1)
+    # lse: -inf for rows with no visible key; NaN where a NaN score made l NaN
+    lse = torch.where(l > 0, m + torch.log(l_safe), torch.where(l.isnan(), l, torch.full_like(l, float("-inf"))))
+    lse = lse.squeeze(-1)
     out = out.to(dtype)
     if layout == "bshd":
         out = out.transpose(1, 2)

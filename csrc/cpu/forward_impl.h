@@ -65,11 +65,16 @@ void for_each_query_tile(const FwdParams& p, const Tiling& t) {
 
 // One row's online-softmax step over a masked base-2 score row s[0, n): m_new = max(m_i, rowmax S),
 // P = 2^(S - m_new) (written by exp_row(m_new), which returns rowsum P), l_i ← l_i · 2^(m_i - m_new) + rowsum P,
-// acc_i ← acc_i · 2^(m_i - m_new). Returns false, touching nothing, while the row has seen no visible key.
+// acc_i ← acc_i · 2^(m_i - m_new). Returns false, touching nothing else, while the row has seen no visible key
+// (a NaN score is not one for the maximum, which may drop it: there l = NaN, and so are O_i and lse_i; past
+// that, exp_row's 2^NaN carries a NaN score into l).
 template <class V, class ExpRow>
 inline bool softmax_row(const float* s, int64_t n, float& m, float& l, float* acc, int64_t d_pad, ExpRow exp_row) {
   const float m_new = std::max(m, row_max<V>(s, n));
-  if (m_new == kNegInf) return false;
+  if (m_new == kNegInf) {
+    if (std::any_of(s, s + n, [](float x) { return std::isnan(x); })) l = std::numeric_limits<float>::quiet_NaN();
+    return false;
+  }
   const float alpha = m == m_new ? 1.0f : std::exp2(m - m_new);  // most tiles leave the maximum as it was
   l = l * alpha + exp_row(m_new);
   m = m_new;

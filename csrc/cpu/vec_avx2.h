@@ -63,7 +63,7 @@ struct VecAvx2 {
   // gives exactly 0.
   static T exp2(T x) {
     const T magic = _mm256_set1_ps(12582912.0f + 127.0f);
-    const T xc = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+    const T xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);  // NaN stays NaN (maxps returns its second operand)
     const T t = _mm256_add_ps(xc, magic);
     const T f = _mm256_sub_ps(xc, _mm256_sub_ps(t, magic));
     T p = _mm256_set1_ps(kExp2Series[0]);
