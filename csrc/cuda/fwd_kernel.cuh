@@ -154,14 +154,15 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FwdParams p) {
     }
   }
 
-  // out = acc / l_i (0 for rows that saw no key); lse = ln(l_i) + m_i·ln 2 (-inf for those rows).
+  // out = acc / l_i (0 for rows that saw no key); lse = ln(l_i) + m_i·ln 2 (-inf for those rows). A NaN
+  // score is dropped by fmaxf but not by exp2: l_i, and with it the row's out and lse, become NaN.
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
     float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(l_i[mt][r]);
-      inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
+      inv[r] = inverse_denominator(l);
       const int64_t row = i0 + warp_row0 + mt * 16 + g + 8 * r;
       if (t == 0 && row < p.seq_q) lse[row] = lse_from_base2(m_i[mt][r], l);
 #pragma unroll

@@ -161,8 +161,40 @@ void run_case(const char* dtype, reference::Shape sh, MaskKind kind, int64_t lef
   }
 }
 
+// A NaN in q row 3 makes every score of that row NaN; a NaN in k row 5 makes the scores of every row
+// that sees key 5 NaN (causal top-left: rows 5 on). Those rows' out and lse must be NaN, the others finite.
+template <class T, int kD>
+void run_nan_case(const char* dtype) {
+  using Fwd = typename Tiles<T, kD>::Fwd;
+  const int64_t S = 40, D = kD, n = S * D;
+  std::mt19937 rng(7);
+  Rounded<T> q(n, rng), k(n, rng), v(n, rng);
+  q.t[3 * D + 1] = from_float<T>(NAN);
+  k.t[5 * D + 2] = from_float<T>(NAN);
+  for (const MaskKind kind : {MaskKind::kNone, MaskKind::kCausalTopLeft}) {
+    std::vector<T> out(n, T{0});
+    std::vector<float> lse(S, 0.0f);
+    FwdParams p;
+    p.q = q.t.data(); p.k = k.t.data(); p.v = v.t.data(); p.out = out.data(); p.lse = lse.data();
+    p.q_stride = p.k_stride = p.v_stride = p.out_stride = strides(1, S, D, false);
+    p.batch = p.heads_q = p.heads_kv = 1;
+    p.seq_q = p.seq_k = S; p.head_dim = D;
+    p.dtype = std::is_same_v<T, __half> ? DType::kFloat16 : DType::kBFloat16;
+    p.scale = 0.125f; p.mask = make_mask(kind, S, S, -1, -1);
+    emu::launch(dim3(unsigned(ceil_div(S, Fwd::kBlockM)), 1, 1), dim3(Fwd::kThreads), [&] { fwd_kernel<Fwd>(p); });
+    for (int64_t i = 0; i < S; ++i) {
+      const bool nan_row = i == 3 || kind == MaskKind::kNone || i >= 5;
+      const bool out_nan = std::isnan(to_float(out[i * D])), lse_nan = std::isnan(lse[i]);
+      expect(out_nan == nan_row && lse_nan == nan_row,
+             std::string(dtype) + " NaN inputs, mask " + std::to_string(int(kind)) + ": row " + std::to_string(i) +
+                 " out " + std::to_string(to_float(out[i * D])) + " lse " + std::to_string(lse[i]));
+    }
+  }
+}
+
 template <class T>
 void run_dtype(const char* dtype) {
+  run_nan_case<T, 64>(dtype);
   using M = MaskKind;
   run_case<T, 32>(dtype, {1, 2, 1, 37, 70, 32}, M::kCausalTopLeft, -1, -1, false);
   run_case<T, 64>(dtype, {2, 4, 2, 70, 37, 40}, M::kCausalBottomRight, -1, -1, false);  // rows without keys

@@ -63,10 +63,13 @@ ATTNEXT_HD inline float softmax_offset(float m_i) { return m_i == -INFINITY ? 0.
 ATTNEXT_HD inline float softmax_rescale(float m_old, float m_new) { return exp2f(m_old - softmax_offset(m_new)); }
 
 // Natural-log LSE of a row from its base-2 maximum m_i and denominator l_i: ln(l_i) + m_i·ln(2);
-// -inf for a row with no visible key (l_i = 0).
+// -inf for a row with no visible key (l_i = 0), NaN where a NaN score made l_i NaN.
 ATTNEXT_HD inline float lse_from_base2(float m_i, float l_i) {
-  return l_i > 0.0f ? (m_i + log2f(l_i)) * 0.693147180559945309f : -INFINITY;
+  return l_i == 0.0f ? -INFINITY : (m_i + log2f(l_i)) * 0.693147180559945309f;
 }
+
+// 1 / l_i for the output: 0 for a row with no visible key (l_i = 0), NaN where l_i is NaN.
+ATTNEXT_HD inline float inverse_denominator(float l_i) { return l_i == 0.0f ? 0.0f : 1.0f / l_i; }
 
 // The backward's offset for P = exp2(s·scale·log2(e) - offset): lse·log2(e), or +inf for a row with
 // no visible key so that its P is exactly 0.
