@@ -34,6 +34,20 @@ def _check_device(op, q):
     raise RuntimeError(f"{op}: device {q.device} is not supported (supported: cpu, cuda)")
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def _autocast(q, k, v):
+    """torch.autocast's policy for torch's SDPA (a lower-precision op): where autocast is on for the inputs'
+    device, floating inputs other than float64 are cast to its dtype (under the autograd graph: their
+    gradients come back in their own dtype)."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+
+
 def _mask_args(op, causal, window_size):
     if isinstance(causal, str) or isinstance(causal, bool):
         kind = _CAUSAL.get(causal)
@@ -63,7 +77,8 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
 
     q: (B, Hq, Sq, D), k and v: (B, Hkv, Sk, D) for layout "bhsd"; (B, S, H, D) for layout "bshd".
     Hq must be a multiple of Hkv (grouped-query attention; no K/V copies). Any strides with a
-    contiguous last dim. float32, float16 or bfloat16; accumulation in float32.
+    contiguous last dim. float32, float16 or bfloat16; accumulation in float32. Under torch.autocast,
+    the inputs are cast to its dtype, as torch's SDPA casts them.
     causal: False; True or "top_left" (query i sees keys j <= i, SDPA's is_causal); "bottom_right"
         (query i sees keys j <= i + Sk - Sq, FlashAttention's causal).
     scale: defaults to 1/sqrt(D).
@@ -84,6 +99,8 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not q.is_cpu:
         _check_device(op, q)
+    if _any_autocast():
+        q, k, v = _autocast(q, k, v)
     if causal is False and type(window_size) is tuple and window_size == (-1, -1):
         kind, left, right = _ops.MASK_NONE, -1, -1
     else:

@@ -216,3 +216,20 @@ def test_cpu_fma_peak_is_measured_and_checks_its_argument():
     assert torch.ops.attnext.cpu_fma_peak(200000) > 0.0
     with pytest.raises(RuntimeError, match=r"attnext\.cpu_fma_peak: iters 0 must be positive"):
         torch.ops.attnext.cpu_fma_peak(0)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_casts_like_torch_sdpa(cpu_unit, autocast_dtype):
+    """Under torch.autocast float32 (and mixed) inputs are cast to its dtype, as torch's SDPA casts them; the
+    gradients come back in float32, those of the explicitly cast call."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 4, 2, 9, 13, 16))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out = attnext.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert out.dtype == F.scaled_dot_product_attention(q, k, v, enable_gqa=True).dtype == autocast_dtype
+        mixed = attnext.attention(q.detach().bfloat16(), k.detach(), v.detach().half())
+        assert mixed.dtype == autocast_dtype
+    cast = attnext.attention(*(t.to(autocast_dtype) for t in (q, k, v)))
+    assert torch.equal(out, cast)
+    got = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    want = torch.autograd.grad(cast.float().square().sum(), (q, k, v))
+    assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))

@@ -163,3 +163,12 @@ def test_compile_sdpa():
     args = (*make_qkv(2, 4, 1, 11, 17, 16, torch.bfloat16), *(torch.randn(3, n, 8) for n in (6, 9, 9)))
     for got, want in zip(compiled(*args), fn(*args)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compile_under_autocast():
+    """fullgraph compile inside torch.autocast: the cast to its dtype is traced with the op, as in eager."""
+    q, k, v = make_qkv(1, 2, 2, 9, 11, 16)
+    compiled = torch.compile(lambda q, k, v: attnext.attention(q, k, v, causal=True), fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compiled(q, k, v), attnext.attention(q, k, v, causal=True)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
