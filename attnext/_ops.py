@@ -68,6 +68,7 @@ def _cuda_misaligned(t):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     scale, mask_kind, window_left, window_right, bshd, deterministic = ctx.args
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()  # the CUDA dQ's order
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1 or (grad_out.is_cuda and _cuda_misaligned(grad_out)):

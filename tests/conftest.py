@@ -41,3 +41,14 @@ def restore_threads():
         yield n
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_deterministic():
+    """Restores torch.use_deterministic_algorithms after a test that changes it."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

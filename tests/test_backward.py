@@ -114,3 +114,24 @@ def test_nonfinite_dlse_on_rows_without_keys(cpu_unit):
     for g in (dq, dk, dv):
         assert torch.isfinite(g).all()
     assert torch.all(dq[:, :, :16] == 0)
+
+
+def test_deterministic_algorithms_ask_for_the_deterministic_backward(restore_deterministic):
+    """torch.use_deterministic_algorithms(True) gives attnext::bwd deterministic=True (the CUDA kernels then
+    take the ordered dQ pass; the CPU backward is deterministic either way)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    flags = []
+
+    class BwdFlags(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.attnext.bwd.default:
+                flags.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 2, 9, 11, 16))
+    for enabled in (False, True):
+        torch.use_deterministic_algorithms(enabled)
+        with BwdFlags():
+            attnext.attention(q, k, v).sum().backward()
+    assert flags == [False, True]
