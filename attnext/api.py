@@ -19,6 +19,7 @@ _CAUSAL = {False: _ops.MASK_NONE, True: _ops.MASK_CAUSAL_TOP_LEFT, "top_left": _
            "bottom_right": _ops.MASK_CAUSAL_BOTTOM_RIGHT}
 _FWD, _FWD_INFERENCE = torch.ops.attnext.fwd.default, torch.ops.attnext.fwd_inference.default
 _peek_transforms = torch._C._functorch.peek_interpreter_stack  # None unless a torch.func transform is active
+_forward_ad = torch.autograd.forward_ad  # its _current_level is -1 outside a dual level
 CUDA_MAX_HEAD_DIM = 256
 CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
 
@@ -109,7 +110,7 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
         d = q.shape[-1] if q.dim() > 0 else 0
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     needs_grad = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
-    if _peek_transforms() is None and _ops.forward_ad._current_level < 0:
+    if _peek_transforms() is None and _forward_ad._current_level < 0:
         if not needs_grad:
             fwd = _FWD_INFERENCE
         else:
