@@ -172,3 +172,22 @@ def test_compile_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = compiled(q, k, v), attnext.attention(q, k, v, causal=True)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_export_keeps_the_op(strict):
+    """torch.export of a module around attention (its Linear's weights need gradients): the graph holds
+    attnext::fwd, and the exported module gives eager's output."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, q, k, v):
+            return attnext.attention(self.proj(q), k, v, causal=True)
+
+    block, args = Block(), make_qkv(1, 2, 2, 9, 9, 16)
+    exported = torch.export.export(block, args, strict=strict)
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.attnext.fwd.default in targets
+    assert torch.equal(exported.module()(*args), block(*args))
