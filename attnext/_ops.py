@@ -3,7 +3,7 @@
 The ops themselves (schemas and CPU/CUDA kernels) live in C++ under torch.ops.attnext:
   fwd(q, k, v, scale, mask_kind, window_left, window_right, bshd, deterministic=False) -> (out, lse)
   fwd_inference(the same arguments) -> (out, lse): fwd without autograd, for calls that need no gradient
-      (and, through EagerFwd below, for eager calls that do)
+      (and, through EagerFwd and FuncFwd below, for eager calls that do, and under torch.func.grad)
   bwd(dout, q, k, v, out, lse, dlse, scale, mask_kind, window_left, window_right, bshd, deterministic)
       -> (dq, dk, dv)
 """
@@ -91,7 +91,7 @@ class _NotDifferentiable(torch.autograd.Function):
 
     @staticmethod
     def forward(dq, dk, dv):
-        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+        return dq.detach(), dk.detach(), dv.detach()  # not views: the caller may edit them in place
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -124,11 +124,15 @@ class EagerFwd(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+FORWARD_AD_ERROR = ("attnext.attention: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad dual tensors) "
+                    "is not supported (supported: reverse-mode autograd, torch.func.grad, vmap)")
+
+
 class FuncFwd(torch.autograd.Function):
-    """fwd with its gradient under torch.func transforms (grad, vmap, jacrev, ...), which need a Function of
-    this form: forward without ctx, setup_context, and a vmap rule (generated: under vmap the ops run once per
-    batch entry). The same kernel, saved tensors and backward as EagerFwd. Forward-mode AD (torch.func.jvp)
-    raises: the kernels have no tangent formula."""
+    """fwd with its gradient under torch.func.grad (and vjp, jacrev), which needs a Function of this form:
+    forward without ctx, setup_context, and a vmap rule (generated: under vmap the ops run once per batch
+    entry). The same kernel, saved tensors and backward as EagerFwd. Forward-mode AD raises: the kernels have
+    no tangent formula (transform_fwd raises first; jvp is the guard for any other way in)."""
 
     generate_vmap_rule = True
 
@@ -145,16 +149,20 @@ class FuncFwd(torch.autograd.Function):
         raise NotImplementedError(FORWARD_AD_ERROR)
 
 
-FORWARD_AD_ERROR = ("attnext.attention: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad dual tensors) "
-                    "is not supported (supported: reverse-mode autograd, torch.func.grad, vmap)")
+_GRAD, _JVP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
 
 
-def transform_fwd(q, k, v):
-    """The fwd for a call under torch.func transforms or inside a forward-AD dual level: FuncFwd, or an error
-    when q, k or v carries a tangent (the kernels would drop it)."""
-    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)):
+def transform_fwd(q, k, v, needs_grad):
+    """The fwd for an eager call under torch.func transforms or inside a forward-AD dual level (a private
+    torch attribute, forward_ad._current_level, says whether one is open): an error under torch.func.jvp or
+    when q, k or v carries a dual tangent (the kernels would drop it); FuncFwd under torch.func.grad (whose
+    inputs may not show requires_grad inside a vmap) or when a gradient is needed; else fwd_inference, which
+    vmap and functionalize take as any op."""
+    transforms = {interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack() or ()}
+    if _JVP in transforms or (forward_ad._current_level >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v))):
         raise NotImplementedError(FORWARD_AD_ERROR)
-    return FuncFwd.apply
+    return FuncFwd.apply if needs_grad or _GRAD in transforms else torch.ops.attnext.fwd_inference.default
 
 
 CPU_UNITS = ("scalar", "avx2", "avx512", "avx512bf16")

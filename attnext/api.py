@@ -3,7 +3,7 @@
 All three reach the same kernel, with autograd and torch.compile support: a call that needs no gradient (grad
 mode off, or no input requiring grad) takes torch.ops.attnext.fwd_inference, the kernel without the autograd
 layer; one that does takes torch.ops.attnext.fwd under torch.compile (and torch.jit.trace) and its
-autograd.Function twin (_ops.EagerFwd, the same backward) in eager mode.
+autograd.Function twin (_ops.EagerFwd, the same backward) in eager mode; under torch.func.grad, _ops.FuncFwd.
 """
 
 import math
@@ -19,7 +19,8 @@ _CAUSAL = {False: _ops.MASK_NONE, True: _ops.MASK_CAUSAL_TOP_LEFT, "top_left": _
            "bottom_right": _ops.MASK_CAUSAL_BOTTOM_RIGHT}
 _FWD, _FWD_INFERENCE = torch.ops.attnext.fwd.default, torch.ops.attnext.fwd_inference.default
 _peek_transforms = torch._C._functorch.peek_interpreter_stack  # None unless a torch.func transform is active
-_forward_ad = torch.autograd.forward_ad  # its _current_level is -1 outside a dual level
+_forward_ad = _ops.forward_ad  # its (private) _current_level is -1 outside a dual level
+_any_autocast = torch._C._is_any_autocast_enabled
 CUDA_MAX_HEAD_DIM = 256
 CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
 
@@ -35,18 +36,16 @@ def _check_device(op, q):
     raise RuntimeError(f"{op}: device {q.device} is not supported (supported: cpu, cuda)")
 
 
-_any_autocast = torch._C._is_any_autocast_enabled
-
-
 def _autocast(q, k, v):
     """torch.autocast's policy for torch's SDPA (a lower-precision op): where autocast is on for the inputs'
-    device, floating inputs other than float64 are cast to its dtype (under the autograd graph: their
-    gradients come back in their own dtype)."""
+    device (cpu or cuda), floating inputs other than float64 are cast to its dtype (above the autograd
+    layer: their gradients come back in their own dtype)."""
     device = q.device.type
-    if not torch.is_autocast_enabled(device):
+    if (device != "cpu" and device != "cuda") or not torch.is_autocast_enabled(device):
         return q, k, v
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype not in (dtype, torch.float64) else t
+                 for t in (q, k, v))
 
 
 def _mask_args(op, causal, window_size):
@@ -118,7 +117,7 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
     elif torch.compiler.is_compiling():  # its tracing runs under a functorch transform
         fwd = _FWD if needs_grad else _FWD_INFERENCE
     else:  # torch.func transforms, forward-mode AD
-        fwd = _ops.transform_fwd(q, k, v)
+        fwd = _ops.transform_fwd(q, k, v, needs_grad)
     if _nvtx.op_ranges_enabled():
         with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, bshd):
             out, lse = fwd(q, k, v, float(scale), kind, left, right, bshd, deterministic)
@@ -185,6 +184,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     is_causal is top-left aligned). Options the kernels do not cover yet (attn_mask, dropout_p > 0,
     other ranks or dtypes) fall back to torch's SDPA with a one-time warning; ATTNEXT_STRICT=1 makes
     every fallback an error."""
+    if _any_autocast():  # as attention() does, but first: the checks below see the dtype the kernels get
+        query, key, value = _autocast(query, key, value)
     reason = _sdpa_unsupported(query, key, value, attn_mask, dropout_p)
     if reason is not None:
         return _fallback(reason, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,

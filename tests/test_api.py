@@ -233,3 +233,11 @@ def test_autocast_casts_like_torch_sdpa(cpu_unit, autocast_dtype):
     got = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     want = torch.autograd.grad(cast.float().square().sum(), (q, k, v))
     assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_autocast_leaves_meta_tensors():
+    """autocast has no meta device: meta inputs (shapes only) keep their dtype, as outside autocast."""
+    q, k, v = (t.to("meta") for t in make_qkv(1, 2, 2, 9, 13, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnext.attention(q, k, v)
+    assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == q.shape

@@ -10,9 +10,10 @@ import attnext
 from attnext.reference import attention_reference
 from helpers import DTYPES
 
-# (Hq, Hkv, Sq, Sk, D): few rows (rows form), a long prefill (lanes form), one decode row on a key range
-# split over threads, 4 and 16 decode rows per KV head
-SHAPES = [(2, 2, 5, 37, 16), (2, 1, 200, 200, 64), (2, 2, 1, 3000, 128), (8, 2, 1, 600, 64), (16, 2, 2, 600, 64)]
+# (Hq, Hkv, Sq, Sk, D): few rows (rows form), a long prefill (lanes form), Sq > Sk (bottom-right causal:
+# rows without keys), one decode row on a key range split over threads, 4 and 16 decode rows per KV head
+SHAPES = [(2, 2, 5, 37, 16), (2, 1, 200, 200, 64), (2, 2, 40, 9, 16), (2, 2, 1, 3000, 128), (8, 2, 1, 600, 64),
+          (16, 2, 2, 600, 64)]
 # (tensor, value) put into element 3 of q's last row, k's last key or v's first key (_poisoned). A -inf in q
 # gives +inf scores wherever k's element 3 is negative.
 CASES = [("q", float("nan")), ("k", float("nan")), ("v", float("nan")), ("k", float("inf")), ("q", float("-inf"))]
@@ -37,6 +38,10 @@ def test_nonfinite_inputs_match_the_reference(cpu_unit, dtype, shape, causal, wh
     out, lse = attnext.attention(q, k, v, causal=causal, return_lse=True)
     ref_out, ref_lse = attention_reference(q, k, v, causal=causal)
     assert ref_out.isnan().any()
+    if causal and shape[2] > shape[3]:  # the first Sq - Sk rows see no key: out 0 (the dense reference's 0 · v
+        empty = shape[2] - shape[3]     # is NaN where v is), lse -inf
+        assert not out[0, :, :empty].any() and (lse[0, :, :empty] == float("-inf")).all()
+        out, lse, ref_out, ref_lse = out[:, :, empty:], lse[:, :, empty:], ref_out[:, :, empty:], ref_lse[:, :, empty:]
     assert torch.equal(out.isnan(), ref_out.isnan())
     assert torch.equal(out.isinf(), ref_out.isinf())
     # lse: NaN where the reference's is NaN; a +inf score gives the reference +inf, attnext NaN
