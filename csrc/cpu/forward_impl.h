@@ -65,9 +65,9 @@ void for_each_query_tile(const FwdParams& p, const Tiling& t) {
 
 // One row's online-softmax step over a masked base-2 score row s[0, n): m_new = max(m_i, rowmax S),
 // P = 2^(S - m_new) (written by exp_row(m_new), which returns rowsum P), l_i ← l_i · 2^(m_i - m_new) + rowsum P,
-// acc_i ← acc_i · 2^(m_i - m_new). Returns false, touching nothing else, while the row has seen no visible key
-// (a NaN score is not one for the maximum, which may drop it: there l = NaN, and so are O_i and lse_i; past
-// that, exp_row's 2^NaN carries a NaN score into l).
+// acc_i ← acc_i · 2^(m_i - m_new). Returns false while the row has seen no finite score (m_new = -inf).
+// NaN scores: the maximum may drop them, but 2^NaN in exp_row carries them into l_i. Where the maximum is
+// -inf, exp_row does not run: a NaN score there sets l_i = NaN itself. Either way O_i and lse_i come out NaN.
 template <class V, class ExpRow>
 inline bool softmax_row(const float* s, int64_t n, float& m, float& l, float* acc, int64_t d_pad, ExpRow exp_row) {
   const float m_new = std::max(m, row_max<V>(s, n));
