@@ -109,15 +109,13 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", return_lse=Fa
         d = q.shape[-1] if q.dim() > 0 else 0
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     needs_grad = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
-    if _peek_transforms() is None and _forward_ad._current_level < 0:
-        if not needs_grad:
-            fwd = _FWD_INFERENCE
-        else:
-            fwd = _FWD if torch.compiler.is_compiling() or torch.jit.is_tracing() else _ops.EagerFwd.apply
-    elif torch.compiler.is_compiling():  # its tracing runs under a functorch transform
-        fwd = _FWD if needs_grad else _FWD_INFERENCE
-    else:  # torch.func transforms, forward-mode AD
-        fwd = _ops.transform_fwd(q, k, v, needs_grad)
+    transformed = _peek_transforms() is not None or _forward_ad._current_level >= 0
+    if transformed and not torch.compiler.is_compiling():  # compile's tracing runs under a functorch transform
+        fwd = _ops.transform_fwd(q, k, v, needs_grad)  # torch.func transforms, forward-mode AD
+    elif not needs_grad:
+        fwd = _FWD_INFERENCE
+    else:
+        fwd = _FWD if torch.compiler.is_compiling() or torch.jit.is_tracing() else _ops.EagerFwd.apply
     if _nvtx.op_ranges_enabled():
         with _nvtx.op_range("attnext.fwd", q, k, kind, left, right, bshd):
             out, lse = fwd(q, k, v, float(scale), kind, left, right, bshd, deterministic)

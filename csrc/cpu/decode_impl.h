@@ -165,13 +165,11 @@ void decode_merge(const DecodeLayout& L, int64_t b, int64_t hk, std::vector<floa
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t s = 0; s < L.n_split; ++s) {
         const float* part = first + s * L.part_floats();
-        if (m == kNegInf) {  // no part saw a visible score: l is 0, or NaN where a part saw NaN scores
-          l += part[L.rows * Dp + L.rows + r];
-          continue;
-        }
-        const float weight = std::exp2(part[L.rows * Dp + r] - m);
+        // No part saw a finite score (m = -inf): l is 0, or NaN where a part saw NaN scores; acc stays 0.
+        const float weight = m == kNegInf ? 1.0f : std::exp2(part[L.rows * Dp + r] - m);
         l += part[L.rows * Dp + L.rows + r] * weight;
-        for (int64_t d = 0; d < Dp; ++d) acc[d] += part[r * Dp + d] * weight;
+        if (m != kNegInf)
+          for (int64_t d = 0; d < Dp; ++d) acc[d] += part[r * Dp + d] * weight;
       }
     }
     const int64_t h = hk * group + r / p.seq_q, i = r % p.seq_q;
